@@ -1,0 +1,39 @@
+#!/usr/bin/env python
+"""Repair a pruned causal LM with SEFT.
+
+    python launch/train.py --config configs/runs/tiny.yaml --output-dir out/tiny [key=value ...]
+
+Writes <output-dir>/{config.yaml, pruned/ (when the run prunes or builds the model), metrics.jsonl,
+checkpoints/, export/ (plain HF folder), report.json}.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from seft_scale.config import ConfigError, load_config  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="run config YAML (see configs/runs/)")
+    ap.add_argument("--output-dir", required=True, help="folder for everything the run writes")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the run in --output-dir from its latest checkpoint")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar or per-step lines")
+    ap.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="config overrides, e.g. train.steps=100 seft.lora_rank=16")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from seft_scale.train import train
+        train(cfg, args.output_dir, resume=args.resume, progress=not args.no_progress)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Where the shards of θ live and how ranks talk. Backends know nothing of drop or grow.
+
+A backend hands the algorithm, for each target matrix, this rank's contiguous flat range of θ as
+a writable 1-D view (wrapped in a SparseDelta), an `allreduce` for the selector, and the hooks that
+put the sparse delta into forward/backward. The trainer drives everything else.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from seft_scale.delta import SparseDelta
+
+
+class Backend(Protocol):
+    rank: int
+    world: int
+    device: torch.device
+    allreduce: Optional[Callable[[torch.Tensor], torch.Tensor]]
+
+    def attach(self, model: nn.Module, targets: Sequence[tuple[str, nn.Linear]],
+               kernel_for: Callable[[tuple[int, int]], str]) -> list[SparseDelta]:
+        """Make the SparseDelta of each target's local shard (mask = θ != 0, no slots yet,
+        budget/capacity filled in by the trainer) and route the delta into the forward."""
+
+    def set_dense_grad_capture(self, deltas: Sequence[SparseDelta], on: bool) -> None:
+        """While on, every backward adds the dense weight gradient of each target into
+        `delta.grad_acc` over this rank's shard (summed over ranks)."""
+
+    def forward_backward(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
+        """Run the model on a micro-batch, backpropagate loss·scale; return the unscaled loss."""
+
+    def reduce_slot_grads(self, deltas: Sequence[SparseDelta]) -> None:
+        """After the last micro-batch of a step: δ-gradients summed over ranks, held by owners."""
+
+    def base_changed(self, deltas: Sequence[SparseDelta]) -> None:
+        """θ shards were edited in place (merge, adapt, resume): propagate to any other copy."""
+
+    def full_matrices(self, deltas: Sequence[SparseDelta]):
+        """Yield (delta, full fp32 W = θ + S, full support mask) one matrix at a time; W and the
+        mask are None on ranks other than 0."""
+
+
+def make_backend(name: str, **kwargs) -> Backend:
+    if name == "local":
+        from seft_scale.backends.local import LocalBackend
+        return LocalBackend(**kwargs)
+    raise ValueError(f"unknown backend {name!r}; available: local")

@@ -1,0 +1,316 @@
+"""Every knob of a run, as dataclasses mirrored by one YAML file (configs/runs/*.yaml).
+
+`load_config(path, overrides)` reads the YAML, applies `section.key=value` overrides, and rejects
+unknown keys, wrong types and out-of-range values with a `ConfigError` that names the key and the
+valid choices — before any model is loaded or anything is written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot run; the message names the offending key."""
+
+
+@dataclass
+class TinyModelConfig:
+    """A small random Llama built offline from this shape (tests, CI, smoke runs)."""
+
+    hidden_size: int = 64
+    """Model width."""
+    intermediate_size: int = 160
+    """MLP width (gate/up/down projections)."""
+    num_hidden_layers: int = 2
+    """Decoder layers."""
+    num_attention_heads: int = 4
+    """Query heads."""
+    num_key_value_heads: int = 2
+    """Key/value heads (grouped-query attention when fewer than query heads)."""
+    vocab_size: int = 384
+    """Vocabulary of the byte-level BPE tokenizer trained on the run's training text."""
+    max_position_embeddings: int = 512
+    """Longest sequence the rotary embedding is set up for."""
+    seed: int = 0
+    """Seed of the random initialisation."""
+
+
+@dataclass
+class ModelConfig:
+    """Which causal LM to repair, and how to run it."""
+
+    path: Optional[str] = None
+    """A local Hugging Face model folder (config.json + safetensors). Nothing is downloaded.
+    Leave empty to build the random model of `tiny`."""
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    """Shape of the random model built when `path` is empty."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights and compute dtype; auto = bfloat16 on CUDA, float32 on CPU."""
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
+    """auto = flash_attention_2 when flash-attn is installed and CUDA is used, else sdpa."""
+    trust_remote_code: bool = False
+    """Allow model code shipped inside the model folder to run. Off unless you trust the folder."""
+
+
+@dataclass
+class PruneConfig:
+    """Pruning done at the start of the run (the result is saved as <output>/pruned)."""
+
+    method: Literal["none", "magnitude"] = "none"
+    """none = the model is already pruned: its exact zeros define the support and budget."""
+    sparsity: float = 0.5
+    """Fraction of each target matrix set to zero (unstructured patterns)."""
+    pattern: str = "unstructured"
+    """'unstructured' or 'N:M' (e.g. '2:4': at most N nonzeros in every M consecutive inputs).
+    With method none, an N:M pattern is checked on the loaded model."""
+    granularity: Literal["row", "matrix"] = "row"
+    """Unstructured comparison groups: each output row (Wanda's choice) or the whole matrix."""
+
+
+@dataclass
+class SeftConfig:
+    """The sparse delta and its topology evolution."""
+
+    targets: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    """Linear layers to repair, matched against the last component of the module name."""
+    lora_rank: Optional[int] = 32
+    """Slot budget per matrix K = lora_rank·(d_in + d_out): the trainable count of a rank-r LoRA.
+    Exactly one of lora_rank and density is set."""
+    density: Optional[float] = None
+    """Slot budget per matrix K = density·d_in·d_out."""
+    update_interval: int = 10
+    """ΔT: steps between topology updates (10 for instruction data, 60 for LM data)."""
+    window: int = 5
+    """A: steps before each update over which the dense gradient is accumulated."""
+    drop_rate: float = 0.2
+    """p0: fraction of the K slots dropped and regrown at the first update."""
+    drop_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """How the drop fraction decays over the run."""
+    merge_dropped: bool = True
+    """Merge a dropped slot's value into θ (True) or discard it (False); see sparsity/topology.py."""
+    adapt_criterion: Literal["sensitivity", "magnitude"] = "sensitivity"
+    """Score for pruning back to the budget: |W·G| (the paper's) or |W| (its ablation)."""
+    reactivation: bool = True
+    """Let grow pick pruned positions. False restricts growth to the support (the paper's
+    mask-constraint ablation). Always False in N:M mode."""
+    kernel: Literal["auto", "dense", "gather"] = "auto"
+    """Sparse-delta linear kernel; auto applies the cost rule of seft_scale/delta.py."""
+    gather_cost_ratio: float = 16.0
+    """Cost of one gathered multiply-add in matmul multiply-adds (cost rule: gather iff
+    K·ratio < d_in·d_out). Measured by launch/bench_step.py."""
+    init_seed: int = 0
+    """Seed of the initial slot placement (uniform over the support)."""
+
+
+@dataclass
+class DataConfig:
+    """Training text."""
+
+    train: str = ""
+    """Path of a UTF-8 text file (.txt). Required."""
+    seq_len: int = 128
+    """Tokens per training sequence (texts are packed into blocks of this length)."""
+    val_fraction: float = 0.05
+    """Fraction of packed blocks held out for validation (deterministic, taken before shuffling)."""
+    seed: int = 0
+    """Seed of the shuffle of training blocks."""
+
+
+@dataclass
+class TrainConfig:
+    """The loop."""
+
+    steps: int = 40
+    """Optimizer steps."""
+    micro_batch_size: int = 4
+    """Sequences per forward pass (per rank)."""
+    grad_accum: int = 1
+    """Micro-batches summed per optimizer step."""
+    lr: float = 1e-3
+    """Peak learning rate of the δ values."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of lr."""
+    warmup_steps: int = 5
+    """Linear warm-up steps."""
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warm-up."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay on δ (pulls the delta, not the weight, towards 0)."""
+    beta1: float = 0.9
+    """AdamW β1."""
+    beta2: float = 0.999
+    """AdamW β2."""
+    eps: float = 1e-8
+    """AdamW ε."""
+    max_grad_norm: float = 1.0
+    """Clip the global δ-gradient norm to this (0 disables)."""
+    seed: int = 0
+    """Seed of torch's generators (dropout, if the model has any)."""
+    log_every: int = 10
+    """Steps between console log lines (metrics.jsonl gets every step)."""
+    checkpoint_every: int = 0
+    """Steps between checkpoints (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """Most recent checkpoints kept on disk."""
+    eval_batches: int = 8
+    """Validation batches for the held-out loss at the end of the run (0 disables)."""
+    check_invariants: bool = False
+    """Check the exact budget after every step (costly on big models; always on in tests)."""
+
+
+@dataclass
+class RunConfig:
+    """One run: model, pruning, SEFT, data and loop."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    seft: SeftConfig = field(default_factory=SeftConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self, base_dir: Optional[Path] = None) -> "RunConfig":
+        """Range and consistency checks; resolves relative paths against `base_dir`."""
+        def need(ok: bool, key: str, msg: str):
+            if not ok:
+                raise ConfigError(f"{key}: {msg}")
+
+        s, t, p, d = self.seft, self.train, self.prune, self.data
+        need((s.lora_rank is None) != (s.density is None), "seft.lora_rank/seft.density",
+             "set exactly one of them")
+        need(s.lora_rank is None or s.lora_rank > 0, "seft.lora_rank", "must be > 0")
+        need(s.density is None or 0 < s.density <= 1, "seft.density", "must be in (0, 1]")
+        need(s.update_interval > 0, "seft.update_interval", "must be > 0")
+        need(0 < s.window <= s.update_interval, "seft.window", "must be in [1, update_interval]")
+        need(0 <= s.drop_rate <= 1, "seft.drop_rate", "must be in [0, 1]")
+        need(s.gather_cost_ratio > 0, "seft.gather_cost_ratio", "must be > 0")
+        need(len(s.targets) > 0, "seft.targets", "must name at least one module")
+        need(0 <= p.sparsity < 1, "prune.sparsity", "must be in [0, 1)")
+        from seft_scale.sparsity.nm import parse_pattern
+        try:
+            parse_pattern(p.pattern)
+        except ValueError as e:
+            raise ConfigError(f"prune.pattern: {e}") from None
+        for key in ("steps", "micro_batch_size", "grad_accum", "log_every", "keep_checkpoints"):
+            need(getattr(t, key) > 0, f"train.{key}", "must be > 0")
+        for key in ("warmup_steps", "checkpoint_every", "eval_batches", "max_grad_norm",
+                    "weight_decay"):
+            need(getattr(t, key) >= 0, f"train.{key}", "must be >= 0")
+        need(t.lr > 0, "train.lr", "must be > 0")
+        need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
+        need(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1/beta2", "must be in [0, 1)")
+        need(t.eps > 0, "train.eps", "must be > 0")
+        need(d.seq_len > 1, "data.seq_len", "must be > 1")
+        need(0 <= d.val_fraction < 1, "data.val_fraction", "must be in [0, 1)")
+        need(bool(d.train), "data.train", "is required (path of a training text file)")
+        d.train = _resolve(d.train, base_dir, "data.train")
+        if self.model.path:
+            self.model.path = _resolve(self.model.path, base_dir, "model.path")
+            need(Path(self.model.path, "config.json").is_file(), "model.path",
+                 f"{self.model.path} is not a Hugging Face model folder (no config.json)")
+        return self
+
+
+def _resolve(path: str, base_dir: Optional[Path], key: str) -> str:
+    """Relative paths are tried against the working directory, then the config file's folder."""
+    p = Path(path).expanduser()
+    if not p.is_absolute() and not p.exists() and base_dir is not None and (base_dir / p).exists():
+        p = base_dir / p
+    if not p.exists():
+        raise ConfigError(f"{key}: {path} does not exist")
+    return str(p.resolve())
+
+
+# ---------------------------------------------------------------------------- YAML <-> dataclasses
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {_type_name(tp)} fields, got {value!r}")
+        return _build(tp, value, key)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(f"{key}: unknown key; valid keys{' of ' + prefix if prefix else ''}: "
+                              f"{', '.join(names)}")
+        kwargs[k] = _coerce(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def _set_override(data: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected section.key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: Optional[str], overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:
+    """Read, override and validate a run config; raises ConfigError naming the bad key."""
+    data: dict = {}
+    base_dir = None
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config: {path} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config: {path} must hold a mapping of sections")
+        base_dir = p.resolve().parent
+    for item in overrides:
+        _set_override(data, item)
+    return _build(RunConfig, data).validate(base_dir)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)

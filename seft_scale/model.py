@@ -1,0 +1,109 @@
+"""Loading the causal LM to repair: a local HF folder, or a tiny random Llama built offline."""
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from seft_scale.config import ConfigError, ModelConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on CUDA, fp32 on CPU (bf16 matmuls are ~15x slower than fp32 on AVX2 cores)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def resolve_attn(name: str, device: torch.device) -> str:
+    """auto: flash-attn 2 when installed and on CUDA, else PyTorch sdpa."""
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    if name == "auto":
+        return "flash_attention_2" if device.type == "cuda" and has_flash else "sdpa"
+    if name == "flash_attention_2" and not (device.type == "cuda" and has_flash):
+        raise ConfigError("model.attn_implementation: flash_attention_2 needs CUDA and the "
+                          "flash-attn package (pip install -e '.[gpu]'); use sdpa or auto")
+    return name
+
+
+def train_tokenizer(text: str, vocab_size: int):
+    """A byte-level BPE tokenizer trained on `text` (deterministic), wrapped for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator([text], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def build_tiny_llama(cfg: ModelConfig, vocab_size: int, dtype: torch.dtype, attn: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    t = cfg.tiny
+    config = LlamaConfig(
+        hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+        num_key_value_heads=t.num_key_value_heads, vocab_size=vocab_size,
+        max_position_embeddings=t.max_position_embeddings, tie_word_embeddings=False,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    config._attn_implementation = attn
+    with torch.random.fork_rng():
+        torch.manual_seed(t.seed)
+        model = LlamaForCausalLM(config)
+    return model.to(dtype)
+
+
+def load_model(cfg: ModelConfig, device: torch.device, train_text: Optional[str] = None,
+               path: Optional[str] = None):
+    """(model, tokenizer). `path` overrides cfg.path (a resumed run reloads its saved start)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype, attn = resolve_dtype(cfg.dtype, device), resolve_attn(cfg.attn_implementation, device)
+    path = path or cfg.path
+    if path:
+        try:
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model.path: no usable tokenizer in {path}: {e}") from None
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, attn_implementation=attn, use_safetensors=True,
+                trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model.path: cannot load a causal LM from {path}: {e}") from None
+    else:
+        if train_text is None:
+            raise ConfigError("model.path is empty and there is no text to build a tokenizer from")
+        tok = train_tokenizer(train_text, cfg.tiny.vocab_size)
+        model = build_tiny_llama(cfg, len(tok), dtype, attn)
+    model.config.use_cache = False
+    return model.to(device), tok
+
+
+def find_targets(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Linear]]:
+    """Linear modules whose last name component matches one of `patterns` (regex, full match)."""
+    regs = [re.compile(p) for p in patterns]
+    found = [(name, mod) for name, mod in model.named_modules()
+             if isinstance(mod, nn.Linear) and any(r.fullmatch(name.rsplit(".", 1)[-1]) for r in regs)]
+    if not found:
+        raise ConfigError(f"seft.targets: {patterns} match no Linear module of this model")
+    return found
+
+
+def save_model(model: nn.Module, tokenizer, out: Path) -> None:
+    """A plain HF folder in safetensors."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)

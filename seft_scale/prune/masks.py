@@ -1,0 +1,34 @@
+"""Scores -> keep-mask with an exact count: per output row, per matrix, or N:M groups.
+
+Ties keep the lower flat position (stable sort), so masks are reproducible bit for bit."""
+from __future__ import annotations
+
+import torch
+
+from seft_scale.sparsity.nm import parse_pattern
+
+
+def _keep_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Boolean mask of the `keep` largest entries along the last dim (ties: lower index)."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :keep]
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    return mask.scatter_(-1, order, True)
+
+
+def keep_mask(scores: torch.Tensor, sparsity: float, pattern: str = "unstructured",
+              granularity: str = "row") -> torch.Tensor:
+    """Mask of the weights to keep for a [d_out, d_in] score matrix (higher score = keep)."""
+    scores = scores.to(torch.float32)
+    d_out, d_in = scores.shape
+    nm = parse_pattern(pattern)
+    if nm is not None:
+        n, m = nm
+        if d_in % m:
+            raise ValueError(f"N:M pattern {pattern} needs d_in ({d_in}) divisible by {m}")
+        return _keep_top(scores.reshape(d_out, d_in // m, m), n).reshape(d_out, d_in)
+    if granularity == "row":
+        return _keep_top(scores, d_in - int(round(sparsity * d_in)))
+    if granularity == "matrix":
+        n = d_out * d_in
+        return _keep_top(scores.reshape(-1), n - int(round(sparsity * n))).reshape(d_out, d_in)
+    raise ValueError(f"granularity must be 'row' or 'matrix', got {granularity!r}")

@@ -1,0 +1,140 @@
+"""Exact top-k over scores split across ranks, without gathering them (design.md §4).
+
+Every candidate gets a unique 63-bit key: the IEEE bits of its non-negative fp32 score in the
+high 31 bits and its inverted global flat position in the low 32, so keys order by score and
+break ties by the lower global position, whatever the sharding. A radix select then fixes the
+k-th largest key one 8-bit digit at a time: each round every rank histograms the digit among its
+keys still in play, one all-reduce sums the histograms of *all* matrices of the call, and every
+rank derives the same digit from the same sums. Traffic per call is rounds x matrices x 256
+counters, independent of matrix size; each rank finally keeps its local keys >= the threshold.
+
+`RadixSelect` is the per-rank state machine (histogram -> advance), so the same code runs with no
+process group, with torch.distributed, or with shards simulated in one process (the tests).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+DIGIT_BITS = 8
+_BINS = 1 << DIGIT_BITS
+_TOP_SHIFT = 56  # 64-bit keys, 8 digits; bit 63 is always 0
+_POS_MASK = (1 << 32) - 1
+_SCORE_MASK = (1 << 31) - 1
+
+
+def score_keys(scores: torch.Tensor, positions: torch.Tensor, largest: bool) -> torch.Tensor:
+    """Unique int64 keys whose descending order is the selection order.
+
+    `scores` must be finite-or-inf and >= 0 (magnitudes); ties go to the lower position."""
+    s = scores.detach().to(torch.float32)
+    bits = s.view(torch.int32).to(torch.int64)  # non-negative floats: bit order == value order
+    if not largest:
+        bits = _SCORE_MASK - bits
+    tie = _POS_MASK - positions.to(torch.int64)
+    return (bits << 32) | tie
+
+
+def check_scores(scores: torch.Tensor, what: str) -> None:
+    if scores.numel() and not bool((scores >= 0).all()):  # catches NaN and negatives
+        raise ValueError(f"{what}: selection scores must be >= 0 and not NaN (non-finite gradients?)")
+
+
+class RadixSelect:
+    """Finds, for each of several matrices, the k[i] largest keys held across all ranks."""
+
+    def __init__(self, keys: Sequence[torch.Tensor], k: Sequence[int]):
+        self.keys = [kk.reshape(-1) for kk in keys]
+        self.k_left = [int(x) for x in k]
+        self.prefix = [0] * len(self.keys)  # digits fixed so far, as a key prefix
+        self.shift = _TOP_SHIFT
+        self.done = [kk <= 0 for kk in self.k_left]
+        self.threshold: list[int | None] = [None] * len(self.keys)
+        for i, kk in enumerate(self.k_left):
+            if kk <= 0:
+                self.threshold[i] = 1 << 63  # above every key: select none
+        self.in_play = [kk for kk in self.keys]
+
+    @property
+    def finished(self) -> bool:
+        return all(self.done)
+
+    def histogram(self) -> torch.Tensor:
+        """[matrices, 256] counts of the current digit among local keys still in play."""
+        hist = torch.zeros(len(self.keys), _BINS, dtype=torch.int64)
+        for i, kk in enumerate(self.in_play):
+            if self.done[i] or kk.numel() == 0:
+                continue
+            digit = (kk >> self.shift) & (_BINS - 1)
+            hist[i] = torch.bincount(digit, minlength=_BINS)
+        return hist
+
+    def advance(self, global_hist: torch.Tensor) -> None:
+        """Fix one digit per unfinished matrix from the histogram summed over all ranks."""
+        # counts above each bin: suffix sums from the top bin down
+        above = global_hist.flip(1).cumsum(1).flip(1) - global_hist
+        for i in range(len(self.keys)):
+            if self.done[i]:
+                continue
+            total = int(global_hist[i].sum())
+            k = self.k_left[i]
+            if k >= total:  # everything still in play is selected (first round: k >= n)
+                self.threshold[i] = self.prefix[i]
+                self.done[i] = True
+                continue
+            # the bin b holding the k-th largest: above[b] < k <= above[b] + hist[b]
+            fits = (above[i] < k) & (above[i] + global_hist[i] >= k)
+            b = int(torch.nonzero(fits)[-1])
+            self.k_left[i] = k - int(above[i, b])
+            self.prefix[i] |= b << self.shift
+            if self.k_left[i] == int(global_hist[i, b]) or self.shift == 0:
+                self.threshold[i] = self.prefix[i]
+                self.done[i] = True
+                continue
+            kk = self.in_play[i]
+            self.in_play[i] = kk[((kk >> self.shift) & (_BINS - 1)) == b]
+        self.shift -= DIGIT_BITS
+        if self.shift < 0:
+            assert self.finished, "keys are unique, so 8 digits always settle the threshold"
+
+    def selected(self, i: int) -> torch.Tensor:
+        """Boolean mask over the local keys of matrix i."""
+        t = self.threshold[i]
+        assert t is not None, "call advance() until finished"
+        if t >= 1 << 63:
+            return torch.zeros_like(self.keys[i], dtype=torch.bool)
+        return self.keys[i] >= t
+
+
+Allreduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def select_topk(
+    scores: Sequence[torch.Tensor],
+    positions: Sequence[torch.Tensor],
+    k: Sequence[int],
+    largest: bool = True,
+    allreduce: Allreduce | None = None,
+) -> list[torch.Tensor]:
+    """For each matrix i, mark the local entries among the global top-k[i] (or bottom-k[i]).
+
+    scores[i], positions[i]: this rank's candidates of matrix i (1-D, same length; positions are
+    global flat positions, unique across ranks). `allreduce` sums a tensor over ranks in place and
+    returns it (None: one rank). Every rank must call with the same matrices and k.
+    """
+    for s in scores:
+        check_scores(s, "select_topk")
+    keys = [score_keys(s.reshape(-1), p.reshape(-1), largest) for s, p in zip(scores, positions)]
+    sel = RadixSelect(keys, k)
+    while not sel.finished:
+        hist = sel.histogram()
+        if allreduce is not None:
+            hist = allreduce(hist)
+        sel.advance(hist)
+    return [sel.selected(i) for i in range(len(keys))]
+
+
+def rounds_needed_upper_bound() -> int:
+    """All-reduce rounds one select_topk call can take (for traffic estimates)."""
+    return _TOP_SHIFT // DIGIT_BITS + 1

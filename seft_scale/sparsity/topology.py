@@ -1,0 +1,179 @@
+"""Drop -> grow -> adapt on this rank's shards, with exact global choices (design.md §1).
+
+Every decision is a global top-k through `select_topk`, so the same G, θ and δ give the same
+positions at any world size (ties go to the lower global flat position).
+
+Decisions we took where the paper is silent (method.md §7.2), and why:
+* Dropped values are merged into θ by default (`merge_dropped`): the drop picks the slots that
+  moved least, not the ones that are useless, and merging keeps what they learned while freeing the
+  slot to explore. Discarding (SpIEL's choice for dense models) returns a reactivated position to an
+  exact zero that the next adapt step then prunes — churn with nothing learned kept.
+* Grow candidates are the positions without a *remaining* slot, so a dropped position may be
+  chosen again; a position both dropped and regrown simply keeps its slot (SpIEL's filter). This
+  makes p = 1 a full reselection.
+* Adapt prunes the overshoot |M| - B among support positions not grown in this update, by the
+  smallest |W·G| (or |W|); a slot sitting on a pruned position is freed and refilled by the next
+  update's grow, so the slot count never exceeds K and returns to K at the next update.
+* N:M mode grows only inside the support, which is N:M-valid and never changes; adapt is a no-op.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from seft_scale.delta import SparseDelta
+from seft_scale.selection import Allreduce, select_topk
+
+# (mean window gradient of new slots) -> (exp_avg, exp_avg_sq, age) for them
+SeedFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class UpdateStats:
+    """What one topology update did, summed over ranks, per matrix name."""
+
+    dropped: dict[str, int] = field(default_factory=dict)
+    grown: dict[str, int] = field(default_factory=dict)
+    reactivated: dict[str, int] = field(default_factory=dict)
+    adapt_pruned: dict[str, int] = field(default_factory=dict)
+
+    def totals(self) -> dict[str, int]:
+        return {k: sum(getattr(self, k).values())
+                for k in ("dropped", "grown", "reactivated", "adapt_pruned")}
+
+
+def _global(values: Sequence[Sequence[int]], allreduce: Optional[Allreduce]) -> torch.Tensor:
+    t = torch.tensor(values, dtype=torch.int64).reshape(len(values), -1)
+    return allreduce(t) if allreduce is not None else t
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (lowbias32) on int64 lanes, exact on every platform."""
+    def mul(a, c):  # (a * c) mod 2^32 without int64 overflow
+        return (a * (c & 0xFFFF) + (((a * (c >> 16)) & 0xFFFF) << 16)) & 0xFFFFFFFF
+    x = x & 0xFFFFFFFF
+    x = x ^ (x >> 16)
+    x = mul(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = mul(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def position_noise(name: str, seed: int, pos: torch.Tensor) -> torch.Tensor:
+    """A uniform [0, 1) value per global position that depends on nothing but (name, seed, pos)."""
+    salt = _mix32(torch.tensor([zlib.crc32(name.encode()) ^ (seed & 0xFFFFFFFF)]))
+    h = _mix32(_mix32(pos & 0xFFFFFFFF) ^ salt ^ _mix32((pos >> 32) + 0x9E3779B9))
+    return (h >> 8).to(torch.float32) / float(1 << 24)
+
+
+def init_slots(deltas: Sequence[SparseDelta], seed: int, seed_fn: SeedFn,
+               allreduce: Optional[Allreduce] = None) -> None:
+    """Place each matrix's K slots at positions of its support, uniformly at random (hash-keyed,
+    so the placement is the same at every world size)."""
+    cand = [torch.nonzero(d.mask).reshape(-1) + d.offset for d in deltas]
+    scores = [position_noise(d.name, seed, c) for d, c in zip(deltas, cand)]
+    chosen = select_topk(scores, cand, [d.capacity for d in deltas], True, allreduce)
+    for d, c, s in zip(deltas, cand, chosen):
+        new = c[s]
+        d.keep_slots(torch.zeros(len(d.pos), dtype=torch.bool))
+        d.add_slots(new, *seed_fn(torch.zeros(len(new))))
+
+
+def topology_update(deltas: Sequence[SparseDelta], drop_fraction: float, window_steps: int,
+                    seed_fn: SeedFn, *, merge_dropped: bool = True, reactivation: bool = True,
+                    nm: bool = False, criterion: str = "sensitivity",
+                    allreduce: Optional[Allreduce] = None) -> UpdateStats:
+    """One drop -> grow -> adapt cycle over the accumulated window gradient `grad_acc`."""
+    stats = UpdateStats()
+    for d in deltas:
+        if d.grad_acc is None:
+            raise RuntimeError(f"{d.name}: topology update without an accumulated gradient")
+    counts = _global([[len(d.pos)] for d in deltas], allreduce)[:, 0]
+    n_drop = [min(int(drop_fraction * d.capacity), int(c)) for d, c in zip(deltas, counts)]
+    n_grow = [nd + d.capacity - int(c) for nd, d, c in zip(n_drop, deltas, counts)]
+
+    # DROP: the smallest |δ|
+    drop = select_topk([d.values.detach().abs() for d in deltas], [d.pos for d in deltas],
+                       n_drop, largest=False, allreduce=allreduce)
+
+    # GROW: the largest |G| among positions without a remaining slot
+    cands = []
+    for d, dr in zip(deltas, drop):
+        free = torch.ones(d.length, dtype=torch.bool)
+        free[d.local_index()[~dr]] = False
+        if nm or not reactivation:
+            free &= d.mask
+        cands.append(torch.nonzero(free).reshape(-1))
+    grow = select_topk([d.grad_acc[c].abs() for d, c in zip(deltas, cands)],
+                       [c + d.offset for d, c in zip(deltas, cands)], n_grow, True, allreduce)
+
+    grown_local = []
+    local_stats = []
+    for d, dr, c, gr in zip(deltas, drop, cands, grow):
+        grow_pos = c[gr] + d.offset
+        both = torch.isin(d.pos, grow_pos) & dr  # dropped and regrown: the slot just stays
+        dr = dr & ~both
+        grow_pos = grow_pos[~torch.isin(grow_pos, d.pos)]
+        gidx = grow_pos - d.offset
+        if merge_dropped and bool(dr.any()):
+            with torch.no_grad():
+                idx = d.local_index()[dr]
+                d.base[idx] += d.values.detach()[dr].to(d.base.dtype)
+            d.record_edits(d.pos[dr])
+        d.keep_slots(~dr)
+        reactivated = int((~d.mask[gidx]).sum())
+        d.mask[gidx] = True
+        d.add_slots(grow_pos, *seed_fn(d.grad_acc[gidx] / window_steps))
+        grown_local.append(gidx)
+        local_stats.append([int(dr.sum()), len(grow_pos), reactivated])
+
+    # ADAPT: prune the overshoot |M| - B by the smallest sensitivity |W·G| (or magnitude |W|)
+    mask_counts = _global([[int(d.mask.sum())] for d in deltas], allreduce)[:, 0]
+    excess = [int(mc) - d.budget for mc, d in zip(mask_counts, deltas)]
+    for e, d in zip(excess, deltas):
+        if e < 0 or (nm and e > 0):
+            raise AssertionError(f"{d.name}: support {d.budget + e} vs budget {d.budget}")
+    pruned_counts = [0] * len(deltas)
+    if any(e > 0 for e in excess):
+        scores, cands = [], []
+        for d, gidx in zip(deltas, grown_local):
+            eligible = d.mask.clone()
+            eligible[gidx] = False
+            idx = torch.nonzero(eligible).reshape(-1)
+            w = d.effective()[idx]
+            scores.append((w * d.grad_acc[idx]).abs() if criterion == "sensitivity" else w.abs())
+            cands.append(idx)
+        prune = select_topk(scores, [c + d.offset for c, d in zip(cands, deltas)], excess,
+                            largest=False, allreduce=allreduce)
+        for i, (d, c, pr) in enumerate(zip(deltas, cands, prune)):
+            idx = c[pr]
+            d.mask[idx] = False
+            with torch.no_grad():
+                d.base[idx] = 0
+            d.record_edits(idx + d.offset)
+            d.keep_slots(~torch.isin(d.local_index(), idx))
+            pruned_counts[i] = len(idx)
+
+    totals = _global([ls + [p] for ls, p in zip(local_stats, pruned_counts)], allreduce)
+    for d, row in zip(deltas, totals.tolist()):
+        stats.dropped[d.name], stats.grown[d.name], stats.reactivated[d.name] = row[0], row[1], row[2]
+        stats.adapt_pruned[d.name] = row[3]
+        d.grad_acc = None
+    return stats
+
+
+def check_budget(deltas: Sequence[SparseDelta], allreduce: Optional[Allreduce] = None) -> None:
+    """The exact-budget invariant: |M| == B, θ and slots only inside M, at most K slots."""
+    rows = []
+    for d in deltas:
+        outside_theta = int(((d.base != 0) & ~d.mask).sum())
+        outside_slots = int((~d.mask[d.local_index()]).sum())
+        rows.append([int(d.mask.sum()), outside_theta, outside_slots, len(d.pos)])
+    g = _global(rows, allreduce)
+    for d, (m, ot, os_, k) in zip(deltas, g.tolist()):
+        if m != d.budget or ot or os_ or k > d.capacity:
+            raise AssertionError(f"{d.name}: support {m} (budget {d.budget}), {ot} weights and "
+                                 f"{os_} slots outside the support, {k} slots (K={d.capacity})")
