@@ -7,6 +7,7 @@ valid choices — before any model is loaded or anything is written.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -112,16 +113,51 @@ class SeftConfig:
 
 @dataclass
 class DataConfig:
-    """Training text."""
+    """Training data and how it becomes fixed-length token examples (see seft_scale/data)."""
 
     train: str = ""
-    """Path of a UTF-8 text file (.txt). Required."""
-    seq_len: int = 128
-    """Tokens per training sequence (texts are packed into blocks of this length)."""
+    """A local .txt / .json / .jsonl / .parquet / .csv file, a folder of .txt files (one document
+    each), or a Hugging Face dataset name (needs a reachable hub or the local datasets cache).
+    Required."""
+    format: Literal["auto", "txt", "json", "parquet", "csv", "hub"] = "auto"
+    """How `train` and `validation` are read. auto: by the extension (.jsonl is json, a folder is
+    .txt files); a name that is no local path and has no known extension is a hub dataset."""
+    kind: Literal["text", "instruction"] = "text"
+    """text: documents joined with EOS and packed into blocks of seq_len, loss on every token.
+    instruction: one example per row rendered by `template`, loss on the response only."""
+    template: Literal["alpaca", "commonsense", "plain"] = "alpaca"
+    """Prompt of instruction data. alpaca: Stanford Alpaca's prompt (with / without input).
+    commonsense: the prompt LLM-Adapters' commonsense_evaluate.py builds for commonsense_170k,
+    byte for byte. plain: the instruction (and input) on its own lines."""
+    text_field: str = "text"
+    """Column holding the documents of text data (.txt files always give `text`)."""
+    instruction_field: str = "instruction"
+    """Column holding the instruction of instruction data."""
+    input_field: str = "input"
+    """Column holding the optional input (context) of instruction data; may be absent or empty."""
+    output_field: str = "output"
+    """Column holding the response, the only tokens with a loss (commonsense_170k: `output`,
+    e.g. "the correct answer is true"; its `answer` column is for evaluation)."""
+    subset: Optional[str] = None
+    """Configuration name of a hub dataset (load_dataset's `name`, e.g. wikitext-2-raw-v1)."""
+    split: str = "train"
+    """Split of a hub dataset used for training (local files have only `train`)."""
+    validation: Optional[str] = None
+    """Held-out data from another source, read like `train`; replaces the val_fraction split."""
+    validation_split: str = "validation"
+    """Split of a hub dataset named in `validation`."""
     val_fraction: float = 0.05
-    """Fraction of packed blocks held out for validation (deterministic, taken before shuffling)."""
+    """Held out for validation when `validation` is empty: the last packed blocks of text data;
+    for instruction data the examples with the smallest content hash (stable, order-free)."""
+    max_examples: Optional[int] = None
+    """Use only the first N rows (documents or examples) of `train`; empty: all."""
+    seq_len: int = 128
+    """Tokens per example: text is packed into blocks of this length; instruction examples are
+    truncated or right-padded to it."""
     seed: int = 0
-    """Seed of the shuffle of training blocks."""
+    """Seed of the per-epoch shuffle of training examples (batch_indices)."""
+    cache_dir: Optional[str] = None
+    """Where tokenised data is cached; empty: $SEFT_CACHE/data, else ~/.cache/seft_scale/data."""
 
 
 @dataclass
@@ -209,8 +245,12 @@ class RunConfig:
         need(t.eps > 0, "train.eps", "must be > 0")
         need(d.seq_len > 1, "data.seq_len", "must be > 1")
         need(0 <= d.val_fraction < 1, "data.val_fraction", "must be in [0, 1)")
-        need(bool(d.train), "data.train", "is required (path of a training text file)")
-        d.train = _resolve(d.train, base_dir, "data.train")
+        need(d.max_examples is None or d.max_examples > 0, "data.max_examples", "must be > 0")
+        need(bool(d.train), "data.train", "is required (a data file, folder or dataset name)")
+        from seft_scale.data.sources import resolve_source
+        d.train = resolve_source(d.train, d.format, base_dir, "data.train")
+        if d.validation:
+            d.validation = resolve_source(d.validation, d.format, base_dir, "data.validation")
         if self.model.path:
             self.model.path = _resolve(self.model.path, base_dir, "model.path")
             need(Path(self.model.path, "config.json").is_file(), "model.path",
@@ -229,6 +269,28 @@ def _resolve(path: str, base_dir: Optional[Path], key: str) -> str:
 
 
 # ---------------------------------------------------------------------------- YAML <-> dataclasses
+
+class _Loader(yaml.SafeLoader):
+    """YAML numbers as people write them: `2:4` stays a string (YAML 1.1 would read base-60 124)
+    and `1e-3` is a float (YAML 1.1 would read a string)."""
+
+
+_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+_Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag not in _NUMBER_TAGS]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_NUMBER_TAGS[0], re.compile(r"^[-+]?(0|[1-9][0-9_]*)$"),
+                              list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    _NUMBER_TAGS[1],
+    re.compile(r"^[-+]?([0-9][0-9_]*(\.[0-9_]*)?|\.[0-9_]+)([eE][-+]?[0-9]+)?$"
+               r"|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$"),
+    list("-+0123456789."))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
@@ -280,7 +342,7 @@ def _set_override(data: dict, item: str) -> None:
         raise ConfigError(f"override {item!r}: expected section.key=value")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _yaml(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     node = data
@@ -301,7 +363,7 @@ def load_config(path: Optional[str], overrides: tuple[str, ...] | list[str] = ()
         if not p.is_file():
             raise ConfigError(f"--config: {path} does not exist")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = _yaml(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
         if not isinstance(data, dict):

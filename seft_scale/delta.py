@@ -170,9 +170,9 @@ class _LinearSparseDelta(torch.autograd.Function):
                     gx2.index_add_(1, cols[c], g2[:, rows[c]] * vals[c])
             if ctx.needs_input_grad[4]:
                 grad_values = torch.empty_like(values)
+                acc = torch.promote_types(grad_out.dtype, torch.float32)  # bf16 sums in fp32
                 for c in _chunks(len(pos), g2.shape[0]):
-                    prod = g2[:, rows[c]].to(torch.float32) * x2[:, cols[c]].to(torch.float32)
-                    grad_values[c] = prod.sum(0)
+                    grad_values[c] = (g2[:, rows[c]].to(acc) * x2[:, cols[c]].to(acc)).sum(0)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = g2.sum(0)
         return grad_x, None, grad_bias, None, grad_values, None, None

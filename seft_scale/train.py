@@ -206,7 +206,7 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: bool = False,
             backend.base_changed(deltas)
             rec.update(stats.totals(), drop_fraction=p)
         if t_cfg.check_invariants:
-            check_budget(deltas, backend.allreduce)
+            check_budget(deltas, backend.allreduce, nm)
 
         loss = torch.stack(losses).mean().reshape(1).to(torch.float64)
         stats_t = torch.tensor([int(d.mask.sum()) for d in deltas] + [len(d.pos) for d in deltas],
@@ -234,7 +234,7 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: bool = False,
                             t_cfg.keep_checkpoints)
     bar.close()
     backend.set_dense_grad_capture(deltas, False)
-    check_budget(deltas, backend.allreduce)
+    check_budget(deltas, backend.allreduce, nm)
 
     val_loss = heldout_loss(backend, blocks.val, t_cfg.micro_batch_size, t_cfg.eval_batches) \
         if t_cfg.eval_batches else None

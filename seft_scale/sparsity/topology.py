@@ -165,15 +165,25 @@ def topology_update(deltas: Sequence[SparseDelta], drop_fraction: float, window_
     return stats
 
 
-def check_budget(deltas: Sequence[SparseDelta], allreduce: Optional[Allreduce] = None) -> None:
-    """The exact-budget invariant: |M| == B, θ and slots only inside M, at most K slots."""
+def check_budget(deltas: Sequence[SparseDelta], allreduce: Optional[Allreduce] = None,
+                 nm: Optional[tuple[int, int]] = None) -> None:
+    """The exact-budget invariant: |M| == B, θ and slots only inside M, at most K slots; with
+    N:M, no group of M consecutive inputs holds more than N support positions (groups lying
+    wholly inside this shard; the N:M support never changes, and is checked whole at start)."""
     rows = []
     for d in deltas:
         outside_theta = int(((d.base != 0) & ~d.mask).sum())
         outside_slots = int((~d.mask[d.local_index()]).sum())
-        rows.append([int(d.mask.sum()), outside_theta, outside_slots, len(d.pos)])
+        bad_groups = 0
+        if nm is not None:
+            n, m = nm
+            first = (-d.offset) % m
+            whole = (d.length - first) // m
+            bad_groups = int((d.mask[first:first + whole * m].view(whole, m).sum(1) > n).sum())
+        rows.append([int(d.mask.sum()), outside_theta, outside_slots, len(d.pos), bad_groups])
     g = _global(rows, allreduce)
-    for d, (m, ot, os_, k) in zip(deltas, g.tolist()):
-        if m != d.budget or ot or os_ or k > d.capacity:
+    for d, (m, ot, os_, k, bg) in zip(deltas, g.tolist()):
+        if m != d.budget or ot or os_ or k > d.capacity or bg:
             raise AssertionError(f"{d.name}: support {m} (budget {d.budget}), {ot} weights and "
-                                 f"{os_} slots outside the support, {k} slots (K={d.capacity})")
+                                 f"{os_} slots outside the support, {k} slots (K={d.capacity}), "
+                                 f"{bg} N:M groups over N")

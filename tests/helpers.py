@@ -1,0 +1,59 @@
+"""Test helpers: shard simulation in one process (threads), tiny models."""
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+import torch
+
+
+class ThreadGroup:
+    """An in-process stand-in for a process group: `world` threads, a sum all-reduce.
+
+    Lets the full topology update run with its state split into shards exactly as ranks hold it,
+    before (and besides) the real multi-process gloo tests."""
+
+    def __init__(self, world: int):
+        self.world = world
+        self._barrier = threading.Barrier(world)
+        self._slots: list = [None] * world
+        self._result = None
+
+    def allreduce_for(self, rank: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def allreduce(t: torch.Tensor) -> torch.Tensor:
+            self._slots[rank] = t.clone()
+            if self._barrier.wait() == 0:
+                self._result = torch.stack(self._slots).sum(0)
+            self._barrier.wait()
+            out = self._result.clone()
+            self._barrier.wait()
+            return out
+        return allreduce
+
+    def run(self, fn: Callable[[int, Callable], object]) -> list:
+        """Run fn(rank, allreduce) on `world` threads; returns the per-rank results."""
+        results, errors = [None] * self.world, []
+
+        def target(r):
+            try:
+                results[r] = fn(r, self.allreduce_for(r))
+            except BaseException as e:  # noqa: BLE001 - re-raised below
+                errors.append(e)
+                self._barrier.abort()
+
+        threads = [threading.Thread(target=target, args=(r,)) for r in range(self.world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        if errors:
+            raise errors[0]
+        return results
+
+
+def shard_bounds(n: int, world: int, rank: int, mode: str = "zero") -> tuple[int, int]:
+    """[start, end) of rank's flat range: 'zero' = ceil(n/world) per rank (last short / empty),
+    like ZeRO-3's padded flat partitions; 'rows' would be whole rows (FSDP2) — callers pass n
+    as rows·cols and handle rows themselves."""
+    per = -(-n // world)
+    return min(rank * per, n), min((rank + 1) * per, n)
