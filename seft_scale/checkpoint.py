@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from seft_scale.delta import SparseDelta
 
@@ -70,14 +71,48 @@ def load_trainer_state(ckpt: Path) -> dict:
     return json.loads((ckpt / "trainer.json").read_text())
 
 
-def load_deltas(ckpt: Path, deltas: Sequence[SparseDelta], rank: int = 0) -> None:
-    """Restore the SEFT state saved by the same rank of a run at the same world size."""
-    tensors = load_file(str(ckpt / _rank_file(rank)))
+def load_deltas(ckpt: Path, deltas: Sequence[SparseDelta]) -> None:
+    """Restore this rank's SEFT state from a checkpoint written at any world size.
+
+    Each saved shard records its flat range; this rank reads, from every saved shard that overlaps
+    its own range, only the overlapping part of the support and the slots and edits that fall in
+    it (safetensors slices, never a whole matrix)."""
+    files = sorted(ckpt.glob("slots-rank*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{ckpt} holds no slots-rank*.safetensors")
+    handles = [safe_open(str(f), "pt") for f in files]
     for d in deltas:
-        off, length = tensors[f"{d.name}/offset"].tolist()
-        if (off, length) != (d.offset, d.length):
-            raise ValueError(f"{ckpt}: {d.name} was saved as flat range [{off}, {off + length}) "
-                             f"but this rank holds [{d.offset}, {d.offset + d.length})")
-        prefix = f"{d.name}/"
-        d.load_state_dict({k[len(prefix):]: v.to(d.base.device) for k, v in tensors.items()
-                           if k.startswith(prefix)})
+        lo, hi = d.offset, d.offset + d.length
+        parts: dict[str, list[torch.Tensor]] = {}
+        mask = torch.zeros(d.length, dtype=torch.bool)
+        grad_acc = None
+        covered = 0
+        for h in handles:
+            if f"{d.name}/offset" not in h.keys():
+                raise KeyError(f"{ckpt}: no state for {d.name} (was it a target of this run?)")
+            s_off, s_len = h.get_tensor(f"{d.name}/offset").tolist()
+            a, b = max(lo, s_off), min(hi, s_off + s_len)
+            if a >= b:
+                continue
+            covered += b - a
+            mask[a - lo: b - lo] = h.get_slice(f"{d.name}/mask")[a - s_off: b - s_off]
+            if f"{d.name}/grad_acc" in h.keys():
+                if grad_acc is None:
+                    grad_acc = torch.zeros(d.length, dtype=torch.float32)
+                grad_acc[a - lo: b - lo] = h.get_slice(f"{d.name}/grad_acc")[a - s_off: b - s_off]
+            pos = h.get_tensor(f"{d.name}/pos")
+            keep = (pos >= a) & (pos < b)
+            for key in ("pos", "values", "exp_avg", "exp_avg_sq", "age"):
+                parts.setdefault(key, []).append(h.get_tensor(f"{d.name}/{key}")[keep])
+            edited = h.get_tensor(f"{d.name}/edited")
+            keep = (edited >= a) & (edited < b)
+            parts.setdefault("edited", []).append(edited[keep])
+            parts.setdefault("edited_values", []).append(h.get_tensor(f"{d.name}/edited_values")[keep])
+        if covered != d.length:
+            raise ValueError(f"{ckpt}: the saved shards of {d.name} cover {covered} of this rank's "
+                             f"{d.length} positions")
+        state = {k: torch.cat(v).to(d.base.device) for k, v in parts.items()}
+        state["mask"] = mask.to(d.base.device)
+        if grad_acc is not None:
+            state["grad_acc"] = grad_acc.to(d.base.device)
+        d.load_state_dict(state)

@@ -163,11 +163,10 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: bool = False,
     step, tokens_seen, elapsed = 0, 0, 0.0
     if ckpt is not None:
         state = load_trainer_state(ckpt)
-        if state["world_size"] != backend.world:
-            raise ConfigError(f"--resume: {ckpt} was written by {state['world_size']} ranks, this "
-                              f"run has {backend.world}; use launch/export.py or the scale backends' "
-                              "resharding loader")
-        load_deltas(ckpt, deltas, backend.rank)
+        if state["world_size"] != backend.world and main:
+            print(f"resharding {ckpt} from {state['world_size']} to {backend.world} ranks; the data "
+                  "order continues with the new world's batch layout")
+        load_deltas(ckpt, deltas)
         backend.base_changed(deltas)
         step, tokens_seen, elapsed = state["step"], state["tokens_seen"], state["elapsed_s"]
         torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
