@@ -19,6 +19,10 @@ class Backend(Protocol):
     world: int
     device: torch.device
     allreduce: Optional[Callable[[torch.Tensor], torch.Tensor]]
+    model: nn.Module  # the model as the trainer calls it (after attach)
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op on one process)."""
 
     def attach(self, model: nn.Module, targets: Sequence[tuple[str, nn.Linear]],
                kernel_for: Callable[[tuple[int, int]], str]) -> list[SparseDelta]:
@@ -43,8 +47,9 @@ class Backend(Protocol):
         mask are None on ranks other than 0."""
 
 
-def make_backend(name: str, **kwargs) -> Backend:
+def make_backend(name: str, cfg=None, ds_config: Optional[str] = None) -> Backend:
+    """The backend for launch/train.py --backend NAME (cfg: the RunConfig)."""
     if name == "local":
         from seft_scale.backends.local import LocalBackend
-        return LocalBackend(**kwargs)
-    raise ValueError(f"unknown backend {name!r}; available: local")
+        return LocalBackend()
+    raise ValueError(f"unknown backend {name!r}")

@@ -32,6 +32,9 @@ class LocalBackend:
             deltas.append(d)
         return deltas
 
+    def barrier(self) -> None:
+        pass
+
     def set_dense_grad_capture(self, deltas: Sequence[SparseDelta], on: bool) -> None:
         for d in deltas:
             mod = self._modules[d.name]
