@@ -8,6 +8,7 @@ relative to the starting sparse model, and N:M validity.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -84,3 +85,24 @@ def summarize(per_matrix: dict) -> dict:
     if any("nm_valid" in m for m in per_matrix.values()):
         out["nm_valid"] = all(m["nm_valid"] for m in per_matrix.values())
     return out
+
+
+def export_run(model, tokenizer, deltas: Sequence[SparseDelta], backend, out: Path,
+               start_dir: Optional[Path], nm: Optional[tuple[int, int]], summary: dict) -> dict:
+    """Merge, write <out>/export (plain HF folder) and <out>/report.json; returns the summary
+    with the sparsity totals. Rank 0 writes; every rank must call."""
+    per_matrix = merge_deltas(model, deltas, backend, start_dir, nm)
+    summary = dict(summary, export=str(out / "export"),
+                   sparsity=summarize(per_matrix) if backend.rank == 0 else None)
+    backend.save_pretrained(model, tokenizer, out / "export")
+    if backend.rank == 0:
+        (out / "report.json").write_text(json.dumps({"summary": summary, "matrices": per_matrix},
+                                                    indent=1))
+        shutil.copy(out / "report.json", out / "export" / "seft_report.json")
+        sp = summary["sparsity"]
+        loss = summary.get("final_loss")
+        ppl = summary.get("val_ppl")
+        print(f"done: loss {'-' if loss is None else f'{loss:.4f}'}, held-out ppl "
+              f"{'-' if ppl is None else f'{ppl:.3f}'}, sparsity {sp['sparsity']:.4f} "
+              f"(budget exact: {sp['exact_budget']}); wrote {out / 'export'}")
+    return summary

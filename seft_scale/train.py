@@ -7,9 +7,7 @@ Then: held-out loss, export (merged HF folder + report.json).
 """
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -21,13 +19,13 @@ from tqdm import tqdm
 from seft_scale.backends import Backend
 from seft_scale.checkpoint import latest_checkpoint, load_deltas, load_trainer_state, save_checkpoint
 from seft_scale.config import ConfigError, RunConfig, TrainConfig, to_dict
-from seft_scale.data import TokenSplit, batch_indices, build_data, read_text
+from seft_scale.data import TokenSplit, batch_indices, build_data, tokenizer_training_text
 from seft_scale.delta import SparseDelta, choose_kernel
-from seft_scale.export import merge_deltas, summarize
+from seft_scale.export import export_run
 from seft_scale.metrics import MetricsLogger, format_record
 from seft_scale.model import find_targets, load_model, save_model
 from seft_scale.optim import SlotAdamW, clip_slot_grads
-from seft_scale.prune.magnitude import prune_magnitude
+from seft_scale.prune import prune_model
 from seft_scale.sparsity.nm import parse_pattern
 from seft_scale.sparsity.schedule import drop_fraction, in_window, is_update_step
 from seft_scale.sparsity.topology import check_budget, init_slots, topology_update
@@ -102,6 +100,25 @@ def heldout_loss(backend: Backend, split: TokenSplit, batch_size: int, max_batch
     return float(total[0] / total[1])
 
 
+def attach_seft(backend: Backend, model, targets, s_cfg) -> list[SparseDelta]:
+    """SparseDeltas over this rank's shards of the targets, with budgets B (the nonzeros of the
+    starting model, over all ranks) and slot capacities K; no slots placed yet."""
+    kernel_for = (lambda shape: s_cfg.kernel) if s_cfg.kernel != "auto" else (
+        lambda shape: choose_kernel(slot_capacity(shape, s_cfg), shape[0] * shape[1],
+                                    s_cfg.gather_cost_ratio))
+    deltas: list[SparseDelta] = backend.attach(model, targets, kernel_for)
+    counts = torch.tensor([int(d.mask.sum()) for d in deltas], dtype=torch.int64)
+    if backend.allreduce is not None:
+        counts = backend.allreduce(counts)
+    for d, b in zip(deltas, counts.tolist()):
+        d.budget, d.capacity = b, slot_capacity(d.shape, s_cfg)
+        if d.capacity > d.budget:
+            key = "seft.lora_rank" if s_cfg.lora_rank is not None else "seft.density"
+            raise ConfigError(f"{key}: {d.name} would get K={d.capacity} slots but has only "
+                              f"{d.budget} nonzeros; lower {key}")
+    return deltas
+
+
 def train(cfg: RunConfig, output_dir: str | Path, resume: bool = False,
           backend: Optional[Backend] = None, progress: bool = True) -> dict:
     """Run (or resume) one SEFT run; returns the summary that is also written to report.json."""
@@ -110,10 +127,10 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: bool = False,
         backend = LocalBackend()
     out, main = Path(output_dir), backend.rank == 0
     ckpt = prepare_output(out, cfg, resume)
-    barrier = getattr(backend, "barrier", lambda: None)
+    barrier = backend.barrier
     t_cfg, s_cfg = cfg.train, cfg.seft
     nm = parse_pattern(cfg.prune.pattern)
-    text = read_text(cfg.data.train)
+    text = tokenizer_training_text(cfg.data)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -126,9 +143,8 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: bool = False,
         model, tok = load_model(cfg.model, backend.device, path=str(start_dir))
     else:
         model, tok = load_model(cfg.model, backend.device, train_text=text)
-        if cfg.prune.method == "magnitude":
-            prune_magnitude(find_targets(model, s_cfg.targets), cfg.prune.sparsity,
-                            cfg.prune.pattern, cfg.prune.granularity)
+        if cfg.prune.method != "none":
+            prune_model(model, tok, find_targets(model, s_cfg.targets), cfg.prune, backend.device)
         if builds_start and main:
             save_model(model, tok, start_dir)
         barrier()
@@ -143,20 +159,7 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: bool = False,
 
     blocks = build_data(cfg.data, tok)
 
-    # -- SEFT state on this rank's shards
-    kernel_for = (lambda shape: s_cfg.kernel) if s_cfg.kernel != "auto" else (
-        lambda shape: choose_kernel(slot_capacity(shape, s_cfg), shape[0] * shape[1],
-                                    s_cfg.gather_cost_ratio))
-    deltas: list[SparseDelta] = backend.attach(model, targets, kernel_for)
-    counts = torch.tensor([int(d.mask.sum()) for d in deltas], dtype=torch.int64)
-    if backend.allreduce is not None:
-        counts = backend.allreduce(counts)
-    for d, b in zip(deltas, counts.tolist()):
-        d.budget, d.capacity = b, slot_capacity(d.shape, s_cfg)
-        if d.capacity > d.budget:
-            key = "seft.lora_rank" if s_cfg.lora_rank is not None else "seft.density"
-            raise ConfigError(f"{key}: {d.name} would get K={d.capacity} slots but has only "
-                              f"{d.budget} nonzeros; lower {key}")
+    deltas = attach_seft(backend, model, targets, s_cfg)
     opt = SlotAdamW(t_cfg.lr, (t_cfg.beta1, t_cfg.beta2), t_cfg.eps, t_cfg.weight_decay)
     numel = sum(d.numel for d in deltas)
 
@@ -237,20 +240,10 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: bool = False,
 
     val_loss = heldout_loss(backend, blocks.val, t_cfg.micro_batch_size, t_cfg.eval_batches) \
         if t_cfg.eval_batches else None
-    per_matrix = merge_deltas(model, deltas, backend, start_ref, nm)
     summary = {"steps": step, "tokens_seen": tokens_seen, "train_time_s": round(elapsed, 3),
                "final_loss": last.get("loss"), "val_loss": val_loss,
-               "val_ppl": math.exp(val_loss) if val_loss is not None else None,
-               "export": str(out / "export"), "sparsity": summarize(per_matrix) if main else None}
-    if main:
-        save_model(model, tok, out / "export")
-        report = {"summary": summary, "matrices": per_matrix}
-        (out / "report.json").write_text(json.dumps(report, indent=1))
-        shutil.copy(out / "report.json", out / "export" / "seft_report.json")
-        print(f"done: loss {summary['final_loss']:.4f}, held-out ppl "
-              f"{summary['val_ppl'] if summary['val_ppl'] is None else round(summary['val_ppl'], 3)}, "
-              f"sparsity {summary['sparsity']['sparsity']:.4f} (budget exact: "
-              f"{summary['sparsity']['exact_budget']}); wrote {out / 'export'}")
+               "val_ppl": math.exp(val_loss) if val_loss is not None else None}
+    summary = export_run(model, tok, deltas, backend, out, start_ref, nm, summary)
     logger.close()
     barrier()
     return summary

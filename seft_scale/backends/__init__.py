@@ -42,6 +42,10 @@ class Backend(Protocol):
     def base_changed(self, deltas: Sequence[SparseDelta]) -> None:
         """θ shards were edited in place (merge, adapt, resume): propagate to any other copy."""
 
+    def save_pretrained(self, model: nn.Module, tokenizer, out) -> None:
+        """Write the whole (merged) model as a plain HF safetensors folder; rank 0 writes, every
+        rank calls (sharded backends gather non-target parameters here)."""
+
     def full_matrices(self, deltas: Sequence[SparseDelta]):
         """Yield (delta, full fp32 W = θ + S, full support mask) one matrix at a time; W and the
         mask are None on ranks other than 0."""

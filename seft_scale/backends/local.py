@@ -59,6 +59,10 @@ class LocalBackend:
     def base_changed(self, deltas: Sequence[SparseDelta]) -> None:
         pass  # the shard is a view of the weight itself
 
+    def save_pretrained(self, model: nn.Module, tokenizer, out) -> None:
+        from seft_scale.model import save_model
+        save_model(model, tokenizer, out)
+
     def full_matrices(self, deltas: Sequence[SparseDelta]):
         for d in deltas:
             yield d, d.effective().view(d.shape), d.mask.view(d.shape)
