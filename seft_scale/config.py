@@ -64,15 +64,55 @@ class ModelConfig:
 class PruneConfig:
     """Pruning done at the start of the run (the result is saved as <output>/pruned)."""
 
-    method: Literal["none", "magnitude"] = "none"
-    """none = the model is already pruned: its exact zeros define the support and budget."""
+    method: Literal["none", "magnitude", "wanda", "sparsegpt"] = "none"
+    """none = the model is already pruned: its exact zeros define the support and budget.
+    magnitude keeps the largest |W|; wanda the largest |W_ij|·‖X_j‖₂; sparsegpt prunes by OBS
+    scores and updates the kept weights to reconstruct each layer's outputs. wanda and sparsegpt
+    calibrate layer by layer on `calib_data` (see seft_scale/prune/sequential.py)."""
     sparsity: float = 0.5
-    """Fraction of each target matrix set to zero (unstructured patterns)."""
+    """Fraction of each target matrix set to zero (unstructured patterns; N:M implies 1 - N/M)."""
     pattern: str = "unstructured"
     """'unstructured' or 'N:M' (e.g. '2:4': at most N nonzeros in every M consecutive inputs).
     With method none, an N:M pattern is checked on the loaded model."""
     granularity: Literal["row", "matrix"] = "row"
     """Unstructured comparison groups: each output row (Wanda's choice) or the whole matrix."""
+    calib_data: Optional[str] = None
+    """Calibration text for wanda / sparsegpt: a local UTF-8 .txt file, tokenised with the
+    model's tokenizer and cut into `nsamples` random windows of `seqlen` tokens."""
+    nsamples: int = 128
+    """Calibration windows (128 in the Wanda and SparseGPT papers)."""
+    seqlen: int = 2048
+    """Tokens per calibration window (2048 in the papers; the text needs nsamples·seqlen tokens)."""
+    seed: int = 0
+    """Seed of the calibration windows' start positions."""
+    block_size: int = 128
+    """SparseGPT: columns per block of lazy updates and of adaptive mask selection."""
+    damp: float = 0.01
+    """SparseGPT: dampening λ added to the Hessian's diagonal, as a fraction of its mean."""
+
+    def validate(self, base_dir: Optional[Path] = None) -> "PruneConfig":
+        """Range checks (ConfigError naming prune.<key>); resolves calib_data against base_dir."""
+        from seft_scale.sparsity.nm import parse_pattern
+        try:
+            parse_pattern(self.pattern)
+        except ValueError as e:
+            raise ConfigError(f"prune.pattern: {e}") from None
+        checks = [(0 <= self.sparsity < 1, "sparsity", "must be in [0, 1)"),
+                  (self.nsamples > 0, "nsamples", "must be > 0"),
+                  (self.seqlen > 1, "seqlen", "must be > 1"),
+                  (self.block_size > 0, "block_size", "must be > 0"),
+                  (self.damp > 0, "damp", "must be > 0")]
+        for ok, key, msg in checks:
+            if not ok:
+                raise ConfigError(f"prune.{key}: {msg}")
+        if self.method in ("wanda", "sparsegpt"):
+            if not self.calib_data:
+                raise ConfigError(f"prune.calib_data: method {self.method} needs calibration text "
+                                  "(path of a .txt file)")
+            self.calib_data = _resolve(self.calib_data, base_dir, "prune.calib_data")
+            if not Path(self.calib_data).is_file():
+                raise ConfigError(f"prune.calib_data: {self.calib_data} is not a file")
+        return self
 
 
 @dataclass
@@ -212,8 +252,9 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    def validate(self, base_dir: Optional[Path] = None) -> "RunConfig":
-        """Range and consistency checks; resolves relative paths against `base_dir`."""
+    def validate(self, base_dir: Optional[Path] = None, check_paths: bool = True) -> "RunConfig":
+        """Range and consistency checks; resolves relative paths against `base_dir` (skipped
+        with check_paths=False: exporting a finished run needs neither its data nor its model path)."""
         def need(ok: bool, key: str, msg: str):
             if not ok:
                 raise ConfigError(f"{key}: {msg}")
@@ -228,12 +269,7 @@ class RunConfig:
         need(0 <= s.drop_rate <= 1, "seft.drop_rate", "must be in [0, 1]")
         need(s.gather_cost_ratio > 0, "seft.gather_cost_ratio", "must be > 0")
         need(len(s.targets) > 0, "seft.targets", "must name at least one module")
-        need(0 <= p.sparsity < 1, "prune.sparsity", "must be in [0, 1)")
-        from seft_scale.sparsity.nm import parse_pattern
-        try:
-            parse_pattern(p.pattern)
-        except ValueError as e:
-            raise ConfigError(f"prune.pattern: {e}") from None
+        p.validate(base_dir)
         for key in ("steps", "micro_batch_size", "grad_accum", "log_every", "keep_checkpoints"):
             need(getattr(t, key) > 0, f"train.{key}", "must be > 0")
         for key in ("warmup_steps", "checkpoint_every", "eval_batches", "max_grad_norm",
@@ -247,6 +283,8 @@ class RunConfig:
         need(0 <= d.val_fraction < 1, "data.val_fraction", "must be in [0, 1)")
         need(d.max_examples is None or d.max_examples > 0, "data.max_examples", "must be > 0")
         need(bool(d.train), "data.train", "is required (a data file, folder or dataset name)")
+        if not check_paths:
+            return self
         from seft_scale.data.sources import resolve_source
         d.train = resolve_source(d.train, d.format, base_dir, "data.train")
         if d.validation:
@@ -354,7 +392,8 @@ def _set_override(data: dict, item: str) -> None:
     node[parts[-1]] = value
 
 
-def load_config(path: Optional[str], overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:
+def load_config(path: Optional[str], overrides: tuple[str, ...] | list[str] = (),
+                check_paths: bool = True) -> RunConfig:
     """Read, override and validate a run config; raises ConfigError naming the bad key."""
     data: dict = {}
     base_dir = None
@@ -371,7 +410,7 @@ def load_config(path: Optional[str], overrides: tuple[str, ...] | list[str] = ()
         base_dir = p.resolve().parent
     for item in overrides:
         _set_override(data, item)
-    return _build(RunConfig, data).validate(base_dir)
+    return _build(RunConfig, data).validate(base_dir, check_paths)
 
 
 def to_dict(cfg: Any) -> dict:

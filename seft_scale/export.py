@@ -8,7 +8,6 @@ relative to the starting sparse model, and N:M validity.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -87,22 +86,58 @@ def summarize(per_matrix: dict) -> dict:
     return out
 
 
-def export_run(model, tokenizer, deltas: Sequence[SparseDelta], backend, out: Path,
-               start_dir: Optional[Path], nm: Optional[tuple[int, int]], summary: dict) -> dict:
-    """Merge, write <out>/export (plain HF folder) and <out>/report.json; returns the summary
-    with the sparsity totals. Rank 0 writes; every rank must call."""
+def export_run(model, tokenizer, deltas: Sequence[SparseDelta], backend, export_dir: Path,
+               report_path: Optional[Path], start_dir: Optional[Path], nm: Optional[tuple[int, int]],
+               summary: dict) -> dict:
+    """Merge, write `export_dir` (plain HF folder, with seft_report.json inside) and `report_path`;
+    returns the summary with the sparsity totals. Rank 0 writes; every rank must call."""
     per_matrix = merge_deltas(model, deltas, backend, start_dir, nm)
-    summary = dict(summary, export=str(out / "export"),
+    summary = dict(summary, export=str(export_dir),
                    sparsity=summarize(per_matrix) if backend.rank == 0 else None)
-    backend.save_pretrained(model, tokenizer, out / "export")
+    backend.save_pretrained(model, tokenizer, export_dir)
     if backend.rank == 0:
-        (out / "report.json").write_text(json.dumps({"summary": summary, "matrices": per_matrix},
-                                                    indent=1))
-        shutil.copy(out / "report.json", out / "export" / "seft_report.json")
+        report = json.dumps({"summary": summary, "matrices": per_matrix}, indent=1)
+        (export_dir / "seft_report.json").write_text(report)
+        if report_path is not None:
+            report_path.write_text(report)
         sp = summary["sparsity"]
         loss = summary.get("final_loss")
         ppl = summary.get("val_ppl")
         print(f"done: loss {'-' if loss is None else f'{loss:.4f}'}, held-out ppl "
               f"{'-' if ppl is None else f'{ppl:.3f}'}, sparsity {sp['sparsity']:.4f} "
-              f"(budget exact: {sp['exact_budget']}); wrote {out / 'export'}")
+              f"(budget exact: {sp['exact_budget']}); wrote {export_dir}")
     return summary
+
+
+def export_checkpoint(run: Path, ckpt: Optional[Path] = None, out: Optional[Path] = None) -> dict:
+    """One process: the run's starting model + a checkpoint's SEFT state (any world size) ->
+    HF folder + report. `out` defaults to <run>/export and must not exist yet."""
+    from seft_scale.backends.local import LocalBackend
+    from seft_scale.checkpoint import latest_checkpoint, load_deltas, load_trainer_state
+    from seft_scale.config import ConfigError, load_config
+    from seft_scale.model import find_targets, load_model
+    from seft_scale.sparsity.nm import parse_pattern
+    from seft_scale.train import attach_seft
+
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(f"--run: {run} holds no run (no config.yaml)")
+    cfg = load_config(str(run / "config.yaml"), check_paths=False)
+    ckpt = ckpt or latest_checkpoint(run)
+    if ckpt is None or not (ckpt / "trainer.json").is_file():
+        raise ConfigError(f"--checkpoint: no complete checkpoint in {ckpt or run / 'checkpoints'}")
+    target = out or run / "export"
+    if target.exists() and any(target.iterdir()):
+        raise ConfigError(f"--out: {target} exists and is not empty; choose another folder")
+    start = run / "pruned" if (run / "pruned" / "config.json").is_file() else cfg.model.path
+    if not start or not Path(start, "config.json").is_file():
+        raise ConfigError(f"the run's starting model ({start or run / 'pruned'}) is gone; it is "
+                          "needed because checkpoints store θ as edits of it")
+    backend = LocalBackend(torch.device("cpu"))
+    model, tok = load_model(cfg.model, backend.device, path=str(start))
+    deltas = attach_seft(backend, model, find_targets(model, cfg.seft.targets), cfg.seft)
+    load_deltas(ckpt, deltas)
+    state = load_trainer_state(ckpt)
+    summary = {"steps": state["step"], "checkpoint": str(ckpt),
+               "checkpoint_world_size": state["world_size"]}
+    return export_run(model, tok, deltas, backend, target, None, Path(start),
+                      parse_pattern(cfg.prune.pattern), summary)

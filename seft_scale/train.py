@@ -243,7 +243,8 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: bool = False,
     summary = {"steps": step, "tokens_seen": tokens_seen, "train_time_s": round(elapsed, 3),
                "final_loss": last.get("loss"), "val_loss": val_loss,
                "val_ppl": math.exp(val_loss) if val_loss is not None else None}
-    summary = export_run(model, tok, deltas, backend, out, start_ref, nm, summary)
+    summary = export_run(model, tok, deltas, backend, out / "export", out / "report.json",
+                         start_ref, nm, summary)
     logger.close()
     barrier()
     return summary

@@ -134,3 +134,18 @@ def test_existing_output_is_never_overwritten(tiny_yaml, tmp_path):
     with pytest.raises(ConfigError, match="not empty"):
         run(tiny_yaml, out)
     assert [p.name for p in out.iterdir()] == ["precious.txt"]
+
+
+def test_export_from_a_checkpoint_matches_the_run_export(tiny_yaml, tmp_path):
+    run(tiny_yaml, tmp_path / "r", "train.checkpoint_every=12")
+    res = subprocess.run([sys.executable, str(ROOT / "launch" / "export.py"), "--run", str(tmp_path / "r"),
+                          "--out", str(tmp_path / "again")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    a = load_file(str(tmp_path / "r" / "export" / "model.safetensors"))
+    b = load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # an earlier checkpoint exports too, and a taken folder is refused
+    res = subprocess.run([sys.executable, str(ROOT / "launch" / "export.py"), "--run", str(tmp_path / "r"),
+                          "--checkpoint", str(tmp_path / "r" / "checkpoints" / "step_00000012"),
+                          "--out", str(tmp_path / "again")], capture_output=True, text=True)
+    assert res.returncode == 2 and "--out" in res.stderr
