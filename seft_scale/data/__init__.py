@@ -78,7 +78,8 @@ def tokenizer_training_text(cfg: DataConfig, max_chars: int = TOKENIZER_TEXT_CHA
 def build_data(cfg: DataConfig, tokenizer) -> TokenBlocks:
     """The run's training and validation examples, from the cache when it holds them."""
     sources = _sources(cfg)
-    path = cache_root(cfg) / f"{cache_key(cfg, tokenizer, [s.fingerprint() for s in sources])}.safetensors"
+    key = cache_key(cfg, tokenizer, [s.fingerprint() for s in sources])
+    path = cache_root(cfg) / f"{key}.safetensors"
     cached = load_cached(path, cfg.seq_len)
     if cached is not None:
         tensors, stats = cached
@@ -101,7 +102,8 @@ def _pack(cfg: DataConfig, tokenizer, sources: list[Source]):
     if tokens == 0:
         raise ConfigError(f"data.train: {sources[0].location} holds no text")
     if len(sources) > 1:
-        train, (val, val_tokens) = blocks, pack_documents(_texts(sources[1], cfg), tokenizer, cfg.seq_len)
+        train = blocks
+        val, val_tokens = pack_documents(_texts(sources[1], cfg), tokenizer, cfg.seq_len)
         if len(val) == 0:
             raise _too_few("data.validation", f"{val_tokens} tokens", 0, 1, cfg)
     else:

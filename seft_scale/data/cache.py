@@ -38,7 +38,8 @@ def cache_root(cfg: DataConfig) -> Path:
 def tokenizer_fingerprint(tokenizer) -> str:
     """Vocabulary, merges, normalisation and special tokens: what decides the ids of a text."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    state = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    state = (backend.to_str() if backend is not None
+             else json.dumps(sorted(tokenizer.get_vocab().items())))
     specials = [type(tokenizer).__name__, tokenizer.bos_token_id, tokenizer.eos_token_id,
                 tokenizer.pad_token_id, getattr(tokenizer, "add_bos_token", None),
                 getattr(tokenizer, "add_eos_token", None)]
@@ -65,7 +66,8 @@ def load_cached(path: Path, seq_len: int) -> Optional[tuple[dict[str, torch.Tens
             tensors = {k: f.get_tensor(k) for k in _TENSORS}
         stats = json.loads(meta["stats"])
     except Exception as e:  # truncated / garbled file: any of safetensors' or json's errors
-        log.warning("ignoring unreadable data cache %s (%s: %s); rebuilding", path, type(e).__name__, e)
+        log.warning("ignoring unreadable data cache %s (%s: %s); rebuilding", path,
+                    type(e).__name__, e)
         return None
     ok = all(t.dim() == 2 and t.shape[1] == seq_len for t in tensors.values()) and \
         tensors["train_input_ids"].shape == tensors["train_labels"].shape and \

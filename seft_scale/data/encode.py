@@ -80,7 +80,8 @@ def bos_prefix(tokenizer) -> list[int]:
     return []
 
 
-def pack_documents(batches: Iterator[list[str]], tokenizer, seq_len: int) -> tuple[torch.Tensor, int]:
+def pack_documents(batches: Iterator[list[str]], tokenizer,
+                   seq_len: int) -> tuple[torch.Tensor, int]:
     """(blocks [n, seq_len] int64, tokens in the stream): documents joined by EOS, cut into
     blocks, the remainder dropped."""
     eos, parts = _eos(tokenizer), []
@@ -118,7 +119,7 @@ def encode_instructions(batches: Iterator[tuple[list[str], list[str]]], tokenize
             y = [IGNORE_INDEX] * (len(bos) + len(p)) + r + [eos]
             truncated += len(x) > seq_len
             x, y = x[:seq_len], y[:seq_len]
-            if all(t == IGNORE_INDEX for t in y[1:]):  # no token left to learn (labels shift by 1)
+            if max(len(bos) + len(p), 1) >= len(y):  # no label left (position 0 is never one)
                 dropped += 1
                 continue
             batch_ids.append(x + [pad] * (seq_len - len(x)))

@@ -3,10 +3,12 @@
 A .txt file is one document (`sample_by="document"`), so LM text keeps its line breaks; a folder
 is its .txt files, sorted by relative path, one document each. json covers .json (a list of
 records) and .jsonl; csv columns are read as strings, so "007" stays "007" and "NA" stays "NA".
+Files may be gzipped (x.jsonl.gz, as C4's shards are): datasets decompresses them.
 """
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,10 +16,16 @@ from typing import Optional
 
 from seft_scale.config import ConfigError, DataConfig
 
-EXTENSIONS = {".txt": "txt", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+EXTENSIONS = {".txt": "txt", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
+              ".csv": "csv"}
 _BUILDERS = {"txt": ("text", {"sample_by": "document"}), "json": ("json", {}),
              "parquet": ("parquet", {}), "csv": ("csv", {"na_filter": False})}
 _LOCAL_HINT = "pass a local .txt, .json, .jsonl, .parquet or .csv file, or a folder of .txt files"
+
+
+def _extension(p: Path) -> str:
+    """.jsonl for x.jsonl and for x.jsonl.gz."""
+    return Path(p.stem).suffix.lower() if p.suffix.lower() == ".gz" else p.suffix.lower()
 
 
 def resolve_source(source: str, fmt: str, base_dir: Optional[Path], key: str) -> str:
@@ -30,7 +38,7 @@ def resolve_source(source: str, fmt: str, base_dir: Optional[Path], key: str) ->
     p = Path(source).expanduser()
     in_base = base_dir is not None and not p.is_absolute() and (base_dir / p).exists()
     local = (p.exists() or in_base or fmt != "auto" or p.is_absolute()
-             or source.startswith((".", "~")) or p.suffix.lower() in EXTENSIONS)
+             or source.startswith((".", "~")) or _extension(p) in EXTENSIONS)
     if not local:
         return source
     path = _resolve(source, base_dir, key)
@@ -52,11 +60,11 @@ def detect_format(location: str, fmt: str, key: str) -> str:
         return "txt"
     if fmt != "auto":
         return fmt
-    if p.suffix.lower() not in EXTENSIONS:
+    if _extension(p) not in EXTENSIONS:
         raise ConfigError(f"{key}: cannot tell the format of {location} from its extension "
-                          f"{p.suffix!r} (known: {', '.join(EXTENSIONS)}); set data.format to one "
-                          "of txt, json, parquet, csv")
-    return EXTENSIONS[p.suffix.lower()]
+                          f"{_extension(p)!r} (known: {', '.join(EXTENSIONS)}, optionally .gz); "
+                          "set data.format to one of txt, json, parquet, csv")
+    return EXTENSIONS[_extension(p)]
 
 
 @dataclass
@@ -93,7 +101,7 @@ class Source:
         return files
 
     def fingerprint(self) -> str:
-        """Changes whenever the data does: file contents (local) or the datasets fingerprint (hub)."""
+        """Changes whenever the data does: file contents (local), datasets' fingerprint (hub)."""
         if self.format == "hub":
             return f"hub:{self.location}:{self.subset}:{self.split}:{self.load()._fingerprint}"
         h = hashlib.blake2b(digest_size=16)
@@ -107,11 +115,13 @@ class Source:
         return f"{self.format}:{h.hexdigest()}"
 
     def load(self, hf_cache_dir: Optional[Path] = None):
-        """The rows as a `datasets.Dataset` (local builders keep their arrow files in hf_cache_dir)."""
+        """The rows as a `datasets.Dataset`; local builders keep their arrow files in
+        hf_cache_dir, hub datasets stay in the datasets cache where downloads already are."""
         if self._dataset is None:
             if self.format != "hub" and all(f.stat().st_size == 0 for f in self.files()):
                 raise ConfigError(f"{self.key}: {self.location} is empty")
-            self._dataset = self._load_hub() if self.format == "hub" else self._load_local(hf_cache_dir)
+            self._dataset = (self._load_hub() if self.format == "hub"
+                             else self._load_local(hf_cache_dir))
             if len(self._dataset) == 0:
                 raise ConfigError(f"{self.key}: {self.location} holds no rows")
         return self._dataset
@@ -122,13 +132,14 @@ class Source:
         builder, kwargs = _BUILDERS[self.format]
         try:
             if self.format == "csv":  # every column a string: pandas would make "007" the int 7
-                with open(self.location, newline="", encoding="utf-8") as f:
+                opener = gzip.open if self.location.endswith(".gz") else open
+                with opener(self.location, "rt", newline="", encoding="utf-8") as f:
                     header = next(csv.reader(f))
                 string = datasets.Value("string")
                 kwargs = {**kwargs, "features": datasets.Features({c: string for c in header})}
-            return datasets.load_dataset(builder, data_files=[str(f) for f in self.files()],
-                                         split="train", cache_dir=hf_cache_dir and str(hf_cache_dir),
-                                         **kwargs)
+            return datasets.load_dataset(
+                builder, data_files=[str(f) for f in self.files()], split="train",
+                cache_dir=hf_cache_dir and str(hf_cache_dir), **kwargs)
         except Exception as e:  # the builders raise many types; the cause stays chained
             raise ConfigError(f"{self.key}: cannot read {self.location} as {self.format}: "
                               f"{type(e).__name__}: {e}") from e

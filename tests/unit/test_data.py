@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -69,7 +70,9 @@ def write_text_formats(d: Path, texts: list[str]) -> dict[str, Path]:
         w = csv.writer(f)
         w.writerow(["id", "text"])
         w.writerows(enumerate(texts))
-    return {"folder": d / "folder", "json": d / "docs.json",
+    with gzip.open(d / "docs.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    return {"folder": d / "folder", "json": d / "docs.json", "jsonl.gz": d / "docs.jsonl.gz",
             "jsonl": write_jsonl(d / "docs.jsonl", rows), "parquet": d / "docs.parquet",
             "csv": d / "docs.csv"}
 
@@ -104,13 +107,15 @@ def test_every_format_packs_the_same_blocks(tok, tmp_path):
 def test_validation_source_and_max_examples(tok, tmp_path):
     paths = write_text_formats(tmp_path, docs())
     (tmp_path / "val.txt").write_text(TEMPEST[20_000:23_000])
-    b = build_data(cfg_for(paths["jsonl"], tmp_path, seq_len=64, validation=str(tmp_path / "val.txt")), tok)
+    b = build_data(cfg_for(paths["jsonl"], tmp_path, seq_len=64,
+                           validation=str(tmp_path / "val.txt")), tok)
     val_ids = tok(TEMPEST[20_000:23_000], add_special_tokens=False)["input_ids"]
     assert torch.equal(b.val.input_ids[0], torch.tensor(val_ids[:64]))
     full = sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for t in docs())
     assert len(b.train) == full // 64  # nothing held out of train when validation is given
     first = len(tok(docs()[0], add_special_tokens=False)["input_ids"]) + 1
-    b1 = build_data(cfg_for(paths["jsonl"], tmp_path, seq_len=64, val_fraction=0, max_examples=1), tok)
+    b1 = build_data(cfg_for(paths["jsonl"], tmp_path, seq_len=64, val_fraction=0,
+                            max_examples=1), tok)
     assert len(b1.train) == first // 64
 
 
@@ -154,6 +159,16 @@ def test_commonsense_layout_with_field_mapping(tok, tmp_path):
         assert tok.decode(labels[labels != IGNORE_INDEX][:-1]) == row["output"]
     text = tokenizer_training_text(cfg)
     assert text.startswith("Below is an instruction") and "the correct answer is solution1" in text
+
+
+def test_csv_cells_stay_strings(tok, tmp_path):
+    with open(tmp_path / "q.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["instruction", "input", "output"], ["Code?", "NA", "007"]])
+    b = build_data(cfg_for(tmp_path / "q.csv", tmp_path, kind="instruction", seq_len=256,
+                           val_fraction=0), tok)
+    ids, labels = b.train.input_ids[0], b.train.labels[0]
+    assert tok.decode(labels[labels != IGNORE_INDEX][:-1]) == "007"
+    assert "### Input:\nNA\n" in tok.decode(ids)
 
 
 def test_long_examples_truncated_and_counted(tok, tmp_path, caplog):
