@@ -156,9 +156,9 @@ class DataConfig:
     """Training data and how it becomes fixed-length token examples (see seft_scale/data)."""
 
     train: str = ""
-    """A local .txt / .json / .jsonl / .parquet / .csv file, a folder of .txt files (one document
-    each), or a Hugging Face dataset name (needs a reachable hub or the local datasets cache).
-    Required."""
+    """A local .txt / .json / .jsonl / .parquet / .csv file (optionally .gz), a folder of .txt
+    files (one document each), or a Hugging Face dataset name (needs a reachable hub or the local
+    datasets cache). Required."""
     format: Literal["auto", "txt", "json", "parquet", "csv", "hub"] = "auto"
     """How `train` and `validation` are read. auto: by the extension (.jsonl is json, a folder is
     .txt files); a name that is no local path and has no known extension is a hub dataset."""
