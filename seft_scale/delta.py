@@ -49,7 +49,7 @@ class SparseDelta:
         self.values = torch.zeros(0, dtype=torch.float32, requires_grad=True)  # δ
         self.exp_avg = torch.zeros(0, dtype=torch.float32)
         self.exp_avg_sq = torch.zeros(0, dtype=torch.float32)
-        self.age = torch.zeros(0, dtype=torch.int64)  # optimizer steps seen by each slot
+        self.age = torch.zeros(0, dtype=torch.int32)  # optimizer steps seen by each slot
         self.grad_acc: Optional[torch.Tensor] = None  # dense G over this shard, windows only
         self.edited = torch.empty(0, dtype=torch.int64)  # global positions where θ was changed
 

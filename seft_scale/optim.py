@@ -28,10 +28,10 @@ class SlotAdamW:
         b1, b2 = self.betas
         if window <= 0:
             z = torch.zeros_like(mean_grad, dtype=torch.float32)
-            return z, z.clone(), torch.zeros(len(mean_grad), dtype=torch.int64)
+            return z, z.clone(), torch.zeros(len(mean_grad), dtype=torch.int32)
         g = mean_grad.to(torch.float32)
         return (g * (1 - b1 ** window), g * g * (1 - b2 ** window),
-                torch.full((len(g),), window, dtype=torch.int64))
+                torch.full((len(g),), window, dtype=torch.int32))
 
     @torch.no_grad()
     def step(self, deltas: Sequence[SparseDelta], lr: Optional[float] = None) -> None:

@@ -11,7 +11,7 @@ def make_delta(k=50, seed=0):
     g = torch.Generator().manual_seed(seed)
     pos = torch.randperm(200, generator=g)[:k]
     z = torch.zeros(k)
-    d.add_slots(pos, z, z.clone(), torch.zeros(k, dtype=torch.int64))
+    d.add_slots(pos, z, z.clone(), torch.zeros(k, dtype=torch.int32))
     return d
 
 
