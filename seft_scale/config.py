@@ -243,6 +243,24 @@ class TrainConfig:
 
 
 @dataclass
+class FSDPConfig:
+    """PyTorch FSDP2 settings (launch/train.py --backend fsdp; seft_scale/backends/fsdp.py)."""
+
+    param_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype of the working weights FSDP all-gathers for each layer's forward and backward
+    (MixedPrecisionPolicy.param_dtype). The sharded θ stays in model.dtype and δ in float32.
+    auto = bfloat16 on CUDA, float32 on CPU."""
+    reduce_dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype in which gradients are summed over ranks: the selection-window dense gradient
+    (reduce-scattered into θ's row shards) and FSDP's own reductions (MixedPrecisionPolicy.
+    reduce_dtype; θ is frozen, so it has none). δ-gradients are always summed in float32."""
+    reshard_after_forward: bool = True
+    """Free each decoder layer's gathered weights after its forward and gather them again for its
+    backward: one layer's full weights in memory at a time. False keeps every layer gathered from
+    forward to backward (one all-gather fewer per layer and step, the whole model at the peak)."""
+
+
+@dataclass
 class RunConfig:
     """One run: model, pruning, SEFT, data and loop."""
 
@@ -251,6 +269,8 @@ class RunConfig:
     seft: SeftConfig = field(default_factory=SeftConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    """FSDP2 settings; read only by --backend fsdp."""
 
     def validate(self, base_dir: Optional[Path] = None, check_paths: bool = True) -> "RunConfig":
         """Range and consistency checks; resolves relative paths against `base_dir` (skipped

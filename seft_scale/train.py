@@ -23,7 +23,7 @@ from seft_scale.data import TokenSplit, batch_indices, build_data, tokenizer_tra
 from seft_scale.delta import SparseDelta, choose_kernel
 from seft_scale.export import export_run
 from seft_scale.metrics import MetricsLogger, format_record
-from seft_scale.model import find_targets, load_model, save_model
+from seft_scale.model import find_targets, save_model
 from seft_scale.optim import SlotAdamW, clip_slot_grads
 from seft_scale.prune import prune_model
 from seft_scale.sparsity.nm import parse_pattern
@@ -90,14 +90,26 @@ def heldout_loss(backend: Backend, split: TokenSplit, batch_size: int, max_batch
     if n == 0:
         return None
     total = torch.zeros(2, dtype=torch.float64)
-    for start in range(backend.rank * batch_size, n, batch_size * backend.world):
-        batch = split.batch(torch.arange(start, min(start + batch_size, n)), backend.device)
+    for first in range(0, n, batch_size * backend.world):
+        # every rank runs every round (sharded forwards are collectives); past the end, on a
+        # stand-in batch that is not counted
+        start = first + backend.rank * batch_size
+        batch = split.batch(torch.arange(start, min(start + batch_size, n)) if start < n
+                            else torch.arange(1), backend.device)
         loss = backend.model(**batch).loss
-        tokens = int((batch["labels"][:, 1:] != -100).sum())
-        total += torch.tensor([float(loss) * tokens, tokens], dtype=torch.float64)
+        if start < n:
+            tokens = int((batch["labels"][:, 1:] != -100).sum())
+            total += torch.tensor([float(loss) * tokens, tokens], dtype=torch.float64)
     if backend.allreduce is not None:
         total = backend.allreduce(total)
     return float(total[0] / total[1])
+
+
+def on_meta(model) -> bool:
+    """Whether this rank got only a meta-device skeleton of the model (a sharding backend may build
+    the weights on rank 0 alone and fill the shards in attach): pruning and weight checks run
+    where the weights are."""
+    return any(p.is_meta for p in model.parameters())
 
 
 def attach_seft(backend: Backend, model, targets, s_cfg) -> list[SparseDelta]:
@@ -140,17 +152,17 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: bool = False,
     start_dir = out / "pruned"
     builds_start = cfg.prune.method != "none" or not cfg.model.path
     if builds_start and (start_dir / "config.json").is_file():
-        model, tok = load_model(cfg.model, backend.device, path=str(start_dir))
+        model, tok = backend.load_model(cfg.model, path=str(start_dir))
     else:
-        model, tok = load_model(cfg.model, backend.device, train_text=text)
-        if cfg.prune.method != "none":
+        model, tok = backend.load_model(cfg.model, train_text=text)
+        if cfg.prune.method != "none" and not on_meta(model):
             prune_model(model, tok, find_targets(model, s_cfg.targets), cfg.prune, backend.device)
         if builds_start and main:
             save_model(model, tok, start_dir)
         barrier()
     start_ref = start_dir if builds_start else Path(cfg.model.path)
     targets = find_targets(model, s_cfg.targets)
-    if nm is not None:
+    if nm is not None and not on_meta(model):
         from seft_scale.sparsity.nm import nm_valid
         bad = [n for n, lin in targets if not nm_valid(lin.weight, *nm)]
         if bad:
@@ -243,8 +255,8 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: bool = False,
     summary = {"steps": step, "tokens_seen": tokens_seen, "train_time_s": round(elapsed, 3),
                "final_loss": last.get("loss"), "val_loss": val_loss,
                "val_ppl": math.exp(val_loss) if val_loss is not None else None}
-    summary = export_run(model, tok, deltas, backend, out / "export", out / "report.json",
-                         start_ref, nm, summary)
+    summary = export_run(backend.export_model(model, start_ref), tok, deltas, backend,
+                         out / "export", out / "report.json", start_ref, nm, summary)
     logger.close()
     barrier()
     return summary

@@ -24,6 +24,11 @@ class Backend(Protocol):
     def barrier(self) -> None:
         """Wait for every rank (no-op on one process)."""
 
+    def load_model(self, cfg, train_text: Optional[str] = None, path: Optional[str] = None):
+        """(model, tokenizer) as seft_scale.model.load_model gives them, except that a sharding
+        backend may build the full model on some ranks only and a meta-device skeleton on the
+        others (filled in by `attach`); the trainer prunes only where the weights exist."""
+
     def attach(self, model: nn.Module, targets: Sequence[tuple[str, nn.Linear]],
                kernel_for: Callable[[tuple[int, int]], str]) -> list[SparseDelta]:
         """Make the SparseDelta of each target's local shard (mask = θ != 0, no slots yet,
@@ -50,10 +55,18 @@ class Backend(Protocol):
         """Yield (delta, full fp32 W = θ + S, full support mask) one matrix at a time; W and the
         mask are None on ranks other than 0."""
 
+    def export_model(self, model: nn.Module, start_dir) -> nn.Module:
+        """The model merge_deltas writes the merged targets into and rank 0 saves: `model` itself
+        where it is a plain model; on rank 0 of a sharding backend, a plain copy of the starting
+        model in `start_dir` (non-target weights never change)."""
+
 
 def make_backend(name: str, cfg=None, ds_config: Optional[str] = None) -> Backend:
     """The backend for launch/train.py --backend NAME (cfg: the RunConfig)."""
     if name == "local":
         from seft_scale.backends.local import LocalBackend
         return LocalBackend()
+    if name == "fsdp":
+        from seft_scale.backends.fsdp import FSDPBackend
+        return FSDPBackend(cfg.fsdp if cfg is not None else None)
     raise ValueError(f"unknown backend {name!r}")

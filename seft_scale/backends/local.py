@@ -35,6 +35,13 @@ class LocalBackend:
     def barrier(self) -> None:
         pass
 
+    def load_model(self, cfg, train_text: Optional[str] = None, path: Optional[str] = None):
+        from seft_scale.model import load_model
+        return load_model(cfg, self.device, train_text=train_text, path=path)
+
+    def export_model(self, model: nn.Module, start_dir) -> nn.Module:
+        return model
+
     def set_dense_grad_capture(self, deltas: Sequence[SparseDelta], on: bool) -> None:
         for d in deltas:
             mod = self._modules[d.name]
