@@ -1,2 +1,43 @@
-"""One-shot pruners. Each scores the weights of a target matrix; `masks.keep_mask` turns scores
-into an exact sparsity pattern (per row, per matrix, or N:M)."""
+"""One-shot pruners: magnitude, Wanda, SparseGPT; unstructured (per row or per matrix) or N:M.
+
+- `prune_model(model, tokenizer, targets, cfg, device)`: prune a model that is in memory (the
+  training entry uses it); Wanda and SparseGPT calibrate layer by layer (prune/sequential.py).
+- `prune_folder(model_dir, out_dir, cfg, ...)` (prune/streaming.py, behind launch/prune.py):
+  prune an HF safetensors folder holding one decoder layer in memory at a time.
+
+`masks.keep_mask` turns scores into an exact sparsity pattern; every pruned matrix has exactly
+the kept count of its comparison groups.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import nn
+
+from seft_scale.config import ConfigError, PruneConfig
+from seft_scale.prune.calibration import calibration_windows, read_calibration_text
+from seft_scale.prune.sequential import (CALIBRATED, check_shapes, matrix_entry, prune_layerwise,
+                                         prune_weight)
+from seft_scale.prune.streaming import prune_folder
+from seft_scale.sparsity.nm import parse_pattern
+
+__all__ = ["prune_model", "prune_folder"]
+
+
+def prune_model(model: nn.Module, tokenizer, targets: Sequence[tuple[str, nn.Linear]],
+                cfg: PruneConfig, device) -> dict[str, dict]:
+    """Prune `targets` of an in-memory model in place by cfg.method; returns the per-matrix
+    report (export.matrix_report entries plus `sparsity`)."""
+    check_shapes(targets, cfg.pattern)
+    if cfg.method == "magnitude":  # no calibration: any Linear, in or outside decoder layers
+        nm = parse_pattern(cfg.pattern)
+        report = {}
+        for name, lin in targets:
+            keep = prune_weight(lin.weight.data, cfg)
+            report[name] = matrix_entry(lin.weight.data, keep, nm)
+        return report
+    if cfg.method not in CALIBRATED:
+        raise ConfigError(f"prune.method: {cfg.method!r} is not a pruner")
+    calib = calibration_windows(read_calibration_text(cfg.calib_data), tokenizer, cfg.nsamples,
+                                cfg.seqlen, cfg.seed)
+    return prune_layerwise(model, targets, cfg, calib, device)

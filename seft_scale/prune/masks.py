@@ -8,7 +8,12 @@ import torch
 from seft_scale.sparsity.nm import parse_pattern
 
 
-def _keep_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
+def pruned_count(numel: int, sparsity: float) -> int:
+    """How many of `numel` weights a comparison group at `sparsity` sets to zero."""
+    return int(round(sparsity * numel))
+
+
+def keep_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
     """Boolean mask of the `keep` largest entries along the last dim (ties: lower index)."""
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :keep]
     mask = torch.zeros_like(scores, dtype=torch.bool)
@@ -17,7 +22,11 @@ def _keep_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
 
 def keep_mask(scores: torch.Tensor, sparsity: float, pattern: str = "unstructured",
               granularity: str = "row") -> torch.Tensor:
-    """Mask of the weights to keep for a [d_out, d_in] score matrix (higher score = keep)."""
+    """Mask of the weights to keep for a [d_out, d_in] score matrix (higher score = keep).
+
+    Unstructured: exactly `pruned_count(d_in, sparsity)` zeros per row (granularity row) or
+    `pruned_count(d_out·d_in, sparsity)` per matrix. N:M: exactly N kept in every group of M
+    consecutive inputs (`sparsity` is then implied by the pattern and ignored)."""
     scores = scores.to(torch.float32)
     d_out, d_in = scores.shape
     nm = parse_pattern(pattern)
@@ -25,10 +34,10 @@ def keep_mask(scores: torch.Tensor, sparsity: float, pattern: str = "unstructure
         n, m = nm
         if d_in % m:
             raise ValueError(f"N:M pattern {pattern} needs d_in ({d_in}) divisible by {m}")
-        return _keep_top(scores.reshape(d_out, d_in // m, m), n).reshape(d_out, d_in)
+        return keep_top(scores.reshape(d_out, d_in // m, m), n).reshape(d_out, d_in)
     if granularity == "row":
-        return _keep_top(scores, d_in - int(round(sparsity * d_in)))
+        return keep_top(scores, d_in - pruned_count(d_in, sparsity))
     if granularity == "matrix":
-        n = d_out * d_in
-        return _keep_top(scores.reshape(-1), n - int(round(sparsity * n))).reshape(d_out, d_in)
+        numel = d_out * d_in
+        return keep_top(scores.reshape(-1), numel - pruned_count(numel, sparsity)).reshape(d_out, d_in)
     raise ValueError(f"granularity must be 'row' or 'matrix', got {granularity!r}")
