@@ -30,6 +30,21 @@ from seft_scale.sparsity.nm import parse_pattern
 from seft_scale.sparsity.schedule import drop_fraction, in_window, is_update_step
 from seft_scale.sparsity.topology import check_budget, init_slots, topology_update
 
+CHECKPOINT_README = """\
+# SEFT checkpoints
+
+Each step_*/ holds SEFT's own state: per-rank slots-rank*.safetensors (slots, deltas, optimizer
+state, support mask and the edits of the frozen weights, keyed by matrix name and global flat
+offset, so any number of ranks can load them) and trainer.json, on top of the run's starting model
+(<run>/pruned, or the model.path it was given). They are not DeepSpeed engine checkpoints and hold
+no full model: DeepSpeed's zero_to_fp32.py stops on them ("can't find *_model_states.pt files").
+
+The repaired model (weights + sparse deltas, exact sparsity, a plain Hugging Face folder):
+  <run>/export/                              written at the end of training
+  python launch/export.py --run <run>        from the latest checkpoint, on one process
+  launch/train.py ... --resume               finishes the run (any number of ranks) and exports
+"""
+
 # Keys that may differ between a run and its resumption (they do not change the result).
 _RESUME_FREE = {"train.checkpoint_every", "train.log_every", "train.keep_checkpoints",
                 "train.check_invariants"}
@@ -109,7 +124,8 @@ def on_meta(model) -> bool:
     """Whether this rank got only a meta-device skeleton of the model (a sharding backend may build
     the weights on rank 0 alone and fill the shards in attach): pruning and weight checks run
     where the weights are."""
-    return any(p.is_meta for p in model.parameters())
+    # numel 0: ZeRO-3 partitioned parameters hold no data between gathers
+    return any(p.is_meta or p.numel() == 0 for p in model.parameters())
 
 
 def attach_seft(backend: Backend, model, targets, s_cfg) -> list[SparseDelta]:
@@ -244,8 +260,10 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: bool = False,
         if (t_cfg.checkpoint_every and step % t_cfg.checkpoint_every == 0) or step == t_cfg.steps:
             state = {"tokens_seen": tokens_seen, "elapsed_s": elapsed,
                      "rng": torch.get_rng_state().tolist()}
-            save_checkpoint(out, step, deltas, state, backend.rank, backend.world, barrier,
-                            t_cfg.keep_checkpoints)
+            ckpt_dir = save_checkpoint(out, step, deltas, state, backend.rank, backend.world,
+                                       barrier, t_cfg.keep_checkpoints)
+            if main:  # users of DeepSpeed reach for zero_to_fp32.py: say what these files are
+                (ckpt_dir.parent / "README.md").write_text(CHECKPOINT_README)
     bar.close()
     backend.set_dense_grad_capture(deltas, False)
     check_budget(deltas, backend.allreduce, nm)

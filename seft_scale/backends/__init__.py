@@ -69,4 +69,7 @@ def make_backend(name: str, cfg=None, ds_config: Optional[str] = None) -> Backen
     if name == "fsdp":
         from seft_scale.backends.fsdp import FSDPBackend
         return FSDPBackend(cfg.fsdp if cfg is not None else None)
+    if name == "zero3":
+        from seft_scale.backends.zero3 import Zero3Backend
+        return Zero3Backend(cfg, ds_config)
     raise ValueError(f"unknown backend {name!r}")

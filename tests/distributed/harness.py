@@ -15,7 +15,8 @@ import socket
 import traceback
 
 _PRELOAD = ["torch", "torch.distributed", "transformers", "transformers.models.llama.modeling_llama",
-            "seft_scale.train", "seft_scale.backends.dist"]
+            "seft_scale.train", "seft_scale.backends.dist", "deepspeed", "seft_scale.backends.zero3",
+            "datasets"]
 _ctx = mp.get_context("forkserver")
 _ctx.set_forkserver_preload(_PRELOAD)
 
