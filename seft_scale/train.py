@@ -156,6 +156,7 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: bool = False,
     out, main = Path(output_dir), backend.rank == 0
     ckpt = prepare_output(out, cfg, resume)
     barrier = backend.barrier
+    barrier()  # every rank has checked the output folder before rank 0 writes into it
     t_cfg, s_cfg = cfg.train, cfg.seft
     nm = parse_pattern(cfg.prune.pattern)
     text = tokenizer_training_text(cfg.data)

@@ -9,6 +9,7 @@
   same export;
 * DeepSpeed's zero_to_fp32.py refuses the checkpoint folder, whose README says how to get the
   weights, and that way works;
+* a rank that reaches train() late does not find rank 0's files in a new output folder;
 * bf16 weights from the ds config train and export with exact budgets;
 * a dead rank makes the other exit with a clear error, not hang;
 * one real `deepspeed --num_gpus 2` launch writes export/ and report.json with exact budgets."""
@@ -179,6 +180,13 @@ def test_zero_to_fp32_refuses_and_the_folder_says_how_to_get_the_weights(run2, t
     assert res.returncode == 0, res.stderr[-2000:]
     ref, got = _weights(out2), _weights(run_copy)
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_a_rank_arriving_late_still_finds_the_output_folder_empty(tmp_path):
+    # without a barrier after the output check, rank 1 would see rank 0's config.yaml: "not empty"
+    res = run_world(run, 2, tmp_path / "late", ["train.steps=1", "train.eval_batches=0"],
+                    PARTITIONED, None, False, None, 2.0)
+    assert res[0]["summary"]["sparsity"]["exact_budget"] and "error" not in res[1]
 
 
 def test_bf16_from_the_ds_config(tmp_path):

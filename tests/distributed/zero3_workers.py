@@ -86,9 +86,11 @@ def topology(rank, world, model_dir, ds, updates=3):
     return out
 
 
-def run(rank, world, out_dir, overrides, ds, crash_at_step=None, resume=False, die_at_step=None):
+def run(rank, world, out_dir, overrides, ds, crash_at_step=None, resume=False, die_at_step=None,
+        late_rank_s=0.0):
     """train() with the zero3 backend. crash_at_step: every rank raises in that step's optimizer
-    step (a crash after a checkpoint); die_at_step: rank 1 exits at once (a dead process)."""
+    step (a crash after a checkpoint); die_at_step: rank 1 exits at once (a dead process);
+    late_rank_s: the last rank enters train() that much later than the others."""
     from seft_scale.backends.zero3 import Zero3Backend
     from seft_scale.config import load_config
     from seft_scale.optim import SlotAdamW
@@ -114,6 +116,8 @@ def run(rank, world, out_dir, overrides, ds, crash_at_step=None, resume=False, d
             os._exit(3)
         return step(self, deltas, lr)
     SlotAdamW.step = failing_step
+    if rank == world - 1:
+        time.sleep(late_rank_s)
     t0 = time.perf_counter()
     try:
         summary = train(cfg, out_dir, resume=resume, backend=backend, progress=False)
