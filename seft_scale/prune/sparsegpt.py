@@ -40,11 +40,12 @@ class Hessian:
         return self.hessian.numel() * self.hessian.element_size()
 
 
-def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + λI)⁻¹, the form OBS updates need."""
-    h = hessian.clone()
+def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + λI)⁻¹, the form OBS updates need. Overwrites `h`; at most
+    two [d_in, d_in] matrices are alive at once (one per step of the chain)."""
     h.diagonal().add_(damp * h.diagonal().mean())
-    h = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    h = torch.linalg.cholesky(h)
+    h = torch.cholesky_inverse(h)
     return torch.linalg.cholesky(h, upper=True)
 
 
@@ -63,12 +64,12 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
         if d_in % m:
             raise ValueError(f"N:M pattern {pattern} needs d_in ({d_in}) divisible by {m}")
         block_size = max(m, block_size - block_size % m)
-    hessian = hessian.float().clone()
-    dead = hessian.diagonal() == 0  # inputs that were always zero: their weights cannot matter
-    hessian[dead, dead] = 1
+    h = hessian.to(torch.float32, copy=True)
+    dead = h.diagonal() == 0  # inputs that were always zero: their weights cannot matter
+    h[dead, dead] = 1
     w[:, dead] = 0
-    hinv = _inverse_cholesky(hessian, damp)
-    del hessian
+    hinv = _inverse_cholesky(h, damp)
+    del h
     keep = torch.zeros_like(w, dtype=torch.bool)
 
     for c1 in range(0, d_in, block_size):
