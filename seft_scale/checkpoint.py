@@ -24,13 +24,25 @@ from seft_scale.delta import SparseDelta
 CKPT_DIR = "checkpoints"
 
 
-def _rank_file(rank: int) -> str:
+def rank_file(rank: int) -> str:
     return f"slots-rank{rank:05d}.safetensors"
 
 
-def save_checkpoint(output_dir: Path, step: int, deltas: Sequence[SparseDelta], trainer_state: dict,
+def delta_tensors(deltas: Sequence[SparseDelta]) -> dict[str, torch.Tensor]:
+    """This rank's SEFT state as named tensors: `<matrix>/<field>` plus `<matrix>/offset`
+    ([global flat offset, length] of the shard), which lets load_deltas reshard."""
+    tensors = {}
+    for d in deltas:
+        for key, t in d.state_dict().items():
+            tensors[f"{d.name}/{key}"] = t
+        tensors[f"{d.name}/offset"] = torch.tensor([d.offset, d.length], dtype=torch.int64)
+    return tensors
+
+
+def save_checkpoint(output_dir: Path, step: int, tensors: dict[str, torch.Tensor], trainer_state: dict,
                     rank: int = 0, world: int = 1, barrier: Callable[[], None] = lambda: None,
                     keep: int = 2) -> Path:
+    """Write this rank's `tensors` and (rank 0) the trainer state as checkpoint `step`."""
     root = output_dir / CKPT_DIR
     name = f"step_{step:08d}"
     final, tmp = root / name, root / f".{name}.tmp"
@@ -38,12 +50,8 @@ def save_checkpoint(output_dir: Path, step: int, deltas: Sequence[SparseDelta], 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    tensors = {}
-    for d in deltas:
-        for key, t in d.state_dict().items():
-            tensors[f"{d.name}/{key}"] = t.detach().contiguous().cpu()
-        tensors[f"{d.name}/offset"] = torch.tensor([d.offset, d.length], dtype=torch.int64)
-    save_file(tensors, str(tmp / _rank_file(rank)))
+    save_file({k: t.detach().contiguous().cpu() for k, t in tensors.items()},
+              str(tmp / rank_file(rank)))
     barrier()
     if rank == 0:
         state = dict(trainer_state, step=step, world_size=world)

@@ -261,16 +261,69 @@ class FSDPConfig:
 
 
 @dataclass
-class RunConfig:
-    """One run: model, pruning, SEFT, data and loop."""
+class EvalConfig:
+    """Evaluation inside a run (seft_scale/evaluate.py; launch/evaluate.py does the same for any
+    saved folder). Runs on one process: sharded runs evaluate their export with launch/evaluate.py."""
 
+    ppl_data: Optional[str] = None
+    """Held-out text for perplexity by the Wanda/SparseGPT protocol (.txt, or .json/.jsonl of
+    {"text": ...} records). Empty: no perplexity."""
+    seqlen: int = 512
+    """Tokens per perplexity window."""
+    max_windows: Optional[int] = None
+    """Use only the first N windows (Wanda's C4 evaluation uses 256). Empty: all."""
+    stages: list[Literal["dense", "pruned", "repaired"]] = field(
+        default_factory=lambda: ["pruned", "repaired"])
+    """When perplexity is measured: dense (before the run prunes; needs prune.method other than
+    none), pruned (the starting sparse model), repaired (the merged result)."""
+    tasks: list[str] = field(default_factory=list)
+    """lm-eval task names run on the repaired model (local YAML tasks through include_path)."""
+    include_path: Optional[str] = None
+    """Folder of local lm-eval task YAMLs."""
+    limit: Optional[int] = None
+    """Examples per lm-eval task (for quick checks). Empty: all."""
+    plots: bool = True
+    """Write loss.png (loss curve) and reactivation.png (per-layer reactivated positions) when
+    matplotlib is installed."""
+
+
+@dataclass
+class BaselineConfig:
+    """The LoRA-based baselines (method lora_star or sqft); see seft_scale/methods.py."""
+
+    lora_rank: Optional[int] = None
+    """LoRA rank r. Empty: seft.lora_rank, so the baseline trains exactly SEFT's K = r·(d_in+d_out)
+    values per matrix."""
+    lora_alpha: Optional[float] = None
+    """LoRA scaling numerator (update scaled by alpha / r). Empty: 2·r."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input (lora_star only; PEFT's lora_dropout)."""
+
+
+@dataclass
+class RunConfig:
+    """One run: model, pruning, repair method, data and loop."""
+
+    method: Literal["seft", "static", "lora_star", "sqft", "none"] = "seft"
+    """Repair method: seft, or a baseline at the same sparsity (seft_scale/methods.py): static
+    (all nonzeros trainable, mask re-applied), lora_star (LoRA, merge, re-prune), sqft (LoRA masked
+    by the support), none (the pruned model as it is)."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The causal LM to repair."""
     prune: PruneConfig = field(default_factory=PruneConfig)
+    """Pruning at the start of the run (none: the model comes pruned)."""
     seft: SeftConfig = field(default_factory=SeftConfig)
+    """The sparse delta and its topology evolution (method seft); targets for every method."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Training and held-out data."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """The loop: steps, batch, optimizer, checkpoints."""
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     """FSDP2 settings; read only by --backend fsdp."""
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    """LoRA settings of the lora_star and sqft baselines."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Perplexity / lm-eval inside the run."""
 
     def validate(self, base_dir: Optional[Path] = None, check_paths: bool = True) -> "RunConfig":
         """Range and consistency checks; resolves relative paths against `base_dir` (skipped
@@ -289,6 +342,19 @@ class RunConfig:
         need(0 <= s.drop_rate <= 1, "seft.drop_rate", "must be in [0, 1]")
         need(s.gather_cost_ratio > 0, "seft.gather_cost_ratio", "must be > 0")
         need(len(s.targets) > 0, "seft.targets", "must name at least one module")
+        b = self.baseline
+        need(b.lora_rank is None or b.lora_rank > 0, "baseline.lora_rank", "must be > 0")
+        need(b.lora_alpha is None or b.lora_alpha > 0, "baseline.lora_alpha", "must be > 0")
+        need(0 <= b.lora_dropout < 1, "baseline.lora_dropout", "must be in [0, 1)")
+        if self.method in ("lora_star", "sqft"):
+            need(b.lora_rank is not None or s.lora_rank is not None, "baseline.lora_rank",
+                 f"method {self.method} needs a rank (this one or seft.lora_rank)")
+        e = self.eval
+        need(e.seqlen > 1, "eval.seqlen", "must be > 1")
+        need(e.max_windows is None or e.max_windows > 0, "eval.max_windows", "must be > 0")
+        need(e.limit is None or e.limit > 0, "eval.limit", "must be > 0")
+        need("dense" not in e.stages or p.method != "none", "eval.stages",
+             "dense needs a run that prunes (prune.method other than none)")
         p.validate(base_dir)
         for key in ("steps", "micro_batch_size", "grad_accum", "log_every", "keep_checkpoints"):
             need(getattr(t, key) > 0, f"train.{key}", "must be > 0")
@@ -309,6 +375,10 @@ class RunConfig:
         d.train = resolve_source(d.train, d.format, base_dir, "data.train")
         if d.validation:
             d.validation = resolve_source(d.validation, d.format, base_dir, "data.validation")
+        if e.ppl_data:
+            e.ppl_data = _resolve(e.ppl_data, base_dir, "eval.ppl_data")
+        if e.include_path:
+            e.include_path = _resolve(e.include_path, base_dir, "eval.include_path")
         if self.model.path:
             self.model.path = _resolve(self.model.path, base_dir, "model.path")
             need(Path(self.model.path, "config.json").is_file(), "model.path",

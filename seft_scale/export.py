@@ -86,12 +86,11 @@ def summarize(per_matrix: dict) -> dict:
     return out
 
 
-def export_run(model, tokenizer, deltas: Sequence[SparseDelta], backend, export_dir: Path,
-               report_path: Optional[Path], start_dir: Optional[Path], nm: Optional[tuple[int, int]],
-               summary: dict) -> dict:
-    """Merge, write `export_dir` (plain HF folder, with seft_report.json inside) and `report_path`;
-    returns the summary with the sparsity totals. Rank 0 writes; every rank must call."""
-    per_matrix = merge_deltas(model, deltas, backend, start_dir, nm)
+def export_run(model, tokenizer, per_matrix: dict, backend, export_dir: Path,
+               report_path: Optional[Path], summary: dict) -> dict:
+    """Write the merged `model` to `export_dir` (plain HF folder, with seft_report.json inside)
+    and the report to `report_path`; returns the summary with the sparsity totals. Rank 0
+    writes; every rank must call (sharded backends gather in save_pretrained)."""
     summary = dict(summary, export=str(export_dir),
                    sparsity=summarize(per_matrix) if backend.rank == 0 else None)
     backend.save_pretrained(model, tokenizer, export_dir)
@@ -110,14 +109,14 @@ def export_run(model, tokenizer, deltas: Sequence[SparseDelta], backend, export_
 
 
 def export_checkpoint(run: Path, ckpt: Optional[Path] = None, out: Optional[Path] = None) -> dict:
-    """One process: the run's starting model + a checkpoint's SEFT state (any world size) ->
-    HF folder + report. `out` defaults to <run>/export and must not exist yet."""
+    """One process: the run's starting model + a checkpoint's state (any method; SEFT state from
+    any world size) -> HF folder + report. `out` defaults to <run>/export and must not exist."""
     from seft_scale.backends.local import LocalBackend
-    from seft_scale.checkpoint import latest_checkpoint, load_deltas, load_trainer_state
+    from seft_scale.checkpoint import latest_checkpoint, load_trainer_state
     from seft_scale.config import ConfigError, load_config
+    from seft_scale.methods import make_method
     from seft_scale.model import find_targets, load_model
     from seft_scale.sparsity.nm import parse_pattern
-    from seft_scale.train import attach_seft
 
     if not (run / "config.yaml").is_file():
         raise ConfigError(f"--run: {run} holds no run (no config.yaml)")
@@ -128,16 +127,18 @@ def export_checkpoint(run: Path, ckpt: Optional[Path] = None, out: Optional[Path
     target = out or run / "export"
     if target.exists() and any(target.iterdir()):
         raise ConfigError(f"--out: {target} exists and is not empty; choose another folder")
-    start = run / "pruned" if (run / "pruned" / "config.json").is_file() else cfg.model.path
+    state = load_trainer_state(ckpt)
+    start = next((str(p) for p in (run / "pruned", state.get("start_model"), cfg.model.path)
+                  if p and Path(p, "config.json").is_file()), None)
     if not start or not Path(start, "config.json").is_file():
-        raise ConfigError(f"the run's starting model ({start or run / 'pruned'}) is gone; it is "
-                          "needed because checkpoints store θ as edits of it")
+        raise ConfigError(f"the run's starting model ({start}) is gone; it is needed because "
+                          "checkpoints store θ as edits of it")
     backend = LocalBackend(torch.device("cpu"))
     model, tok = load_model(cfg.model, backend.device, path=str(start))
-    deltas = attach_seft(backend, model, find_targets(model, cfg.seft.targets), cfg.seft)
-    load_deltas(ckpt, deltas)
-    state = load_trainer_state(ckpt)
-    summary = {"steps": state["step"], "checkpoint": str(ckpt),
+    nm = parse_pattern(cfg.prune.pattern)
+    method = make_method(cfg, backend, model, find_targets(model, cfg.seft.targets), tok, nm)
+    method.load(ckpt)
+    per_matrix = method.merge(model, Path(start), nm)
+    summary = {"method": cfg.method, "steps": state["step"], "checkpoint": str(ckpt),
                "checkpoint_world_size": state["world_size"]}
-    return export_run(model, tok, deltas, backend, target, None, Path(start),
-                      parse_pattern(cfg.prune.pattern), summary)
+    return export_run(model, tok, per_matrix, backend, target, None, summary)

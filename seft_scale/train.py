@@ -1,12 +1,13 @@
-"""The SEFT training loop: one loop for every backend.
+"""The training loop: one loop for every repair method and every backend.
 
-step t = 1..T:  micro-batches -> δ-grads (dense G too inside a selection window)
-                -> reduce over ranks -> clip -> slot AdamW -> every ΔT: drop/grow/adapt
-                -> metrics, checkpoint.
-Then: held-out loss, export (merged HF folder + report.json).
+step t = 1..T:  before_step (SEFT: selection window on/off) -> micro-batches forward/backward
+                -> after_backward (reduce over ranks, clip, optimizer; SEFT: drop/grow/adapt every
+                ΔT; static: mask re-applied) -> metrics, checkpoint.
+Then: held-out loss, merge and export (plain HF folder + report.json), evaluation, plots.
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -17,18 +18,15 @@ import yaml
 from tqdm import tqdm
 
 from seft_scale.backends import Backend
-from seft_scale.checkpoint import latest_checkpoint, load_deltas, load_trainer_state, save_checkpoint
+from seft_scale.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from seft_scale.config import ConfigError, RunConfig, TrainConfig, to_dict
 from seft_scale.data import TokenSplit, batch_indices, build_data, tokenizer_training_text
-from seft_scale.delta import SparseDelta, choose_kernel
 from seft_scale.export import export_run
+from seft_scale.methods import attach_seft, make_method, slot_capacity  # noqa: F401 (re-exported)
 from seft_scale.metrics import MetricsLogger, format_record
 from seft_scale.model import find_targets, save_model
-from seft_scale.optim import SlotAdamW, clip_slot_grads
 from seft_scale.prune import prune_model
 from seft_scale.sparsity.nm import parse_pattern
-from seft_scale.sparsity.schedule import drop_fraction, in_window, is_update_step
-from seft_scale.sparsity.topology import check_budget, init_slots, topology_update
 
 CHECKPOINT_README = """\
 # SEFT checkpoints
@@ -47,7 +45,7 @@ The repaired model (weights + sparse deltas, exact sparsity, a plain Hugging Fac
 
 # Keys that may differ between a run and its resumption (they do not change the result).
 _RESUME_FREE = {"train.checkpoint_every", "train.log_every", "train.keep_checkpoints",
-                "train.check_invariants"}
+                "train.check_invariants", "data.cache_dir"}
 
 
 def lr_at(step: int, t: TrainConfig) -> float:
@@ -59,14 +57,6 @@ def lr_at(step: int, t: TrainConfig) -> float:
     frac = (step - t.warmup_steps) / max(t.steps - t.warmup_steps, 1)
     decay = 0.5 * (1 + math.cos(math.pi * frac)) if t.lr_schedule == "cosine" else 1 - frac
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * decay)
-
-
-def slot_capacity(shape: tuple[int, int], cfg) -> int:
-    """K: a LoRA-rank match r·(d_in + d_out), or density·n."""
-    d_out, d_in = shape
-    if cfg.lora_rank is not None:
-        return min(cfg.lora_rank * (d_in + d_out), d_in * d_out)
-    return max(1, int(cfg.density * d_in * d_out))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -128,28 +118,31 @@ def on_meta(model) -> bool:
     return any(p.is_meta or p.numel() == 0 for p in model.parameters())
 
 
-def attach_seft(backend: Backend, model, targets, s_cfg) -> list[SparseDelta]:
-    """SparseDeltas over this rank's shards of the targets, with budgets B (the nonzeros of the
-    starting model, over all ranks) and slot capacities K; no slots placed yet."""
-    kernel_for = (lambda shape: s_cfg.kernel) if s_cfg.kernel != "auto" else (
-        lambda shape: choose_kernel(slot_capacity(shape, s_cfg), shape[0] * shape[1],
-                                    s_cfg.gather_cost_ratio))
-    deltas: list[SparseDelta] = backend.attach(model, targets, kernel_for)
-    counts = torch.tensor([int(d.mask.sum()) for d in deltas], dtype=torch.int64)
-    if backend.allreduce is not None:
-        counts = backend.allreduce(counts)
-    for d, b in zip(deltas, counts.tolist()):
-        d.budget, d.capacity = b, slot_capacity(d.shape, s_cfg)
-        if d.capacity > d.budget:
-            key = "seft.lora_rank" if s_cfg.lora_rank is not None else "seft.density"
-            raise ConfigError(f"{key}: {d.name} would get K={d.capacity} slots but has only "
-                              f"{d.budget} nonzeros; lower {key}")
-    return deltas
+def stage_eval(model, tok, cfg: RunConfig, stage: str, nm) -> Optional[dict]:
+    """Perplexity (and, for the repaired model, lm-eval tasks) of one stage, if asked for."""
+    from seft_scale.evaluate import evaluate_model, read_ppl_texts
+    e = cfg.eval
+    texts = read_ppl_texts(e.ppl_data) if e.ppl_data and stage in e.stages else None
+    tasks = e.tasks if stage == "repaired" else []
+    if texts is None and not tasks:
+        return None
+    res = evaluate_model(model, tok, texts, e.seqlen, tasks=tasks, include_path=e.include_path,
+                         limit=e.limit, max_windows=e.max_windows, targets=cfg.seft.targets, nm=nm)
+    if "perplexity" in res:
+        print(f"[{stage}] held-out perplexity {res['perplexity']['ppl']:.3f} (seqlen "
+              f"{e.seqlen}, {res['perplexity']['windows']} windows), sparsity "
+              f"{res['sparsity']['summary']['sparsity']:.4f}")
+    return res
 
 
 def train(cfg: RunConfig, output_dir: str | Path, resume: bool = False,
-          backend: Optional[Backend] = None, progress: bool = True) -> dict:
-    """Run (or resume) one SEFT run; returns the summary that is also written to report.json."""
+          backend: Optional[Backend] = None, progress: bool = True,
+          start_model: Optional[str | Path] = None) -> dict:
+    """Run (or resume) one repair run; returns the summary that is also written to report.json.
+
+    `start_model`: an HF folder holding the already pruned starting model to use instead of
+    building / pruning it (launch/compare.py: every method starts from the same pruned model;
+    cfg.prune still names the pruner, which lora_star re-prunes with)."""
     if backend is None:
         from seft_scale.backends.local import LocalBackend
         backend = LocalBackend()
@@ -157,40 +150,50 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: bool = False,
     ckpt = prepare_output(out, cfg, resume)
     barrier = backend.barrier
     barrier()  # every rank has checked the output folder before rank 0 writes into it
-    t_cfg, s_cfg = cfg.train, cfg.seft
+    t_cfg = cfg.train
     nm = parse_pattern(cfg.prune.pattern)
+    evaluating = bool(cfg.eval.ppl_data or cfg.eval.tasks)
+    if evaluating and backend.world > 1:
+        raise ConfigError("eval: in-run evaluation runs on one process; evaluate the export of a "
+                          "sharded run with launch/evaluate.py")
     text = tokenizer_training_text(cfg.data)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     torch.manual_seed(t_cfg.seed)
+    evals: dict = json.loads((out / "eval_start.json").read_text()) \
+        if resume and (out / "eval_start.json").is_file() else {}
 
     # -- the starting sparse model: built/pruned here (saved as <out>/pruned) or brought by the user
-    start_dir = out / "pruned"
-    builds_start = cfg.prune.method != "none" or not cfg.model.path
-    if builds_start and (start_dir / "config.json").is_file():
+    start_dir = Path(start_model) if start_model else out / "pruned"
+    builds_start = not start_model and (cfg.prune.method != "none" or not cfg.model.path)
+    if start_model or (builds_start and (start_dir / "config.json").is_file()):
         model, tok = backend.load_model(cfg.model, path=str(start_dir))
     else:
         model, tok = backend.load_model(cfg.model, train_text=text)
+        if evaluating and "dense" not in evals:
+            evals["dense"] = stage_eval(model, tok, cfg, "dense", None)
         if cfg.prune.method != "none" and not on_meta(model):
-            prune_model(model, tok, find_targets(model, s_cfg.targets), cfg.prune, backend.device)
+            prune_model(model, tok, find_targets(model, cfg.seft.targets), cfg.prune, backend.device)
         if builds_start and main:
             save_model(model, tok, start_dir)
         barrier()
-    start_ref = start_dir if builds_start else Path(cfg.model.path)
-    targets = find_targets(model, s_cfg.targets)
+    start_ref = start_dir if (start_model or builds_start) else Path(cfg.model.path)
+    targets = find_targets(model, cfg.seft.targets)
     if nm is not None and not on_meta(model):
         from seft_scale.sparsity.nm import nm_valid
         bad = [n for n, lin in targets if not nm_valid(lin.weight, *nm)]
         if bad:
             raise ConfigError(f"prune.pattern: {cfg.prune.pattern} does not hold in {bad[:3]}"
                               f"{' ...' if len(bad) > 3 else ''} of the model")
+    if evaluating and "pruned" not in evals:
+        evals["pruned"] = stage_eval(model, tok, cfg, "pruned", nm)
+        if main:
+            (out / "eval_start.json").write_text(json.dumps(evals, indent=1))
 
     blocks = build_data(cfg.data, tok)
-
-    deltas = attach_seft(backend, model, targets, s_cfg)
-    opt = SlotAdamW(t_cfg.lr, (t_cfg.beta1, t_cfg.beta2), t_cfg.eps, t_cfg.weight_decay)
-    numel = sum(d.numel for d in deltas)
+    method = make_method(cfg, backend, model, targets, tok, nm)
+    total_steps = t_cfg.steps if cfg.method != "none" else 0
 
     step, tokens_seen, elapsed = 0, 0, 0.0
     if ckpt is not None:
@@ -198,84 +201,76 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: bool = False,
         if state["world_size"] != backend.world and main:
             print(f"resharding {ckpt} from {state['world_size']} to {backend.world} ranks; the data "
                   "order continues with the new world's batch layout")
-        load_deltas(ckpt, deltas)
-        backend.base_changed(deltas)
+        method.load(ckpt)
         step, tokens_seen, elapsed = state["step"], state["tokens_seen"], state["elapsed_s"]
         torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
         if main:
             print(f"resuming from {ckpt} at step {step}")
     else:
-        init_slots(deltas, s_cfg.init_seed, lambda g: opt.seed(g, 0), backend.allreduce)
+        method.init_state()
 
     logger = MetricsLogger(out, resume_step=step, enabled=main)
-    bar = tqdm(total=t_cfg.steps, initial=step, disable=not (main and progress), desc="seft",
-               dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, disable=not (main and progress) or not total_steps,
+               desc=cfg.method, dynamic_ncols=True)
     scale = 1.0 / (t_cfg.grad_accum * backend.world)
-    last = {}
-    while step < t_cfg.steps:
+    last: dict = {}
+    while step < total_steps:
         step += 1
         t0 = time.perf_counter()
-        window = in_window(step, s_cfg.update_interval, s_cfg.window, t_cfg.steps)
-        backend.set_dense_grad_capture(deltas, window)
+        rec = method.before_step(step)
         losses = []
         for micro in range(t_cfg.grad_accum):
             idx = batch_indices(len(blocks.train), (step - 1) * t_cfg.grad_accum + micro,
                                 t_cfg.micro_batch_size, cfg.data.seed, backend.rank, backend.world)
             losses.append(backend.forward_backward(blocks.train.batch(idx, backend.device), scale))
-        backend.reduce_slot_grads(deltas)
-        grad_norm = clip_slot_grads(deltas, t_cfg.max_grad_norm, backend.allreduce)
         lr = lr_at(step, t_cfg)
-        opt.step(deltas, lr)
-        rec = {"dropped": 0, "grown": 0, "reactivated": 0, "adapt_pruned": 0}
-        if is_update_step(step, s_cfg.update_interval, t_cfg.steps):
-            backend.set_dense_grad_capture(deltas, False)
-            p = drop_fraction(step, t_cfg.steps, s_cfg.drop_rate, s_cfg.drop_schedule)
-            stats = topology_update(
-                deltas, p, s_cfg.window, lambda g: opt.seed(g, s_cfg.window),
-                merge_dropped=s_cfg.merge_dropped, reactivation=s_cfg.reactivation,
-                nm=nm is not None, criterion=s_cfg.adapt_criterion, allreduce=backend.allreduce)
-            backend.base_changed(deltas)
-            rec.update(stats.totals(), drop_fraction=p)
+        rec.update(method.after_backward(step, lr))
         if t_cfg.check_invariants:
-            check_budget(deltas, backend.allreduce, nm)
+            method.check()
 
-        loss = torch.stack(losses).mean().reshape(1).to(torch.float64)
-        stats_t = torch.tensor([int(d.mask.sum()) for d in deltas] + [len(d.pos) for d in deltas],
-                               dtype=torch.float64)
-        both = torch.cat([loss.cpu(), stats_t])
+        support, trainable = method.local_counts()
+        both = torch.tensor([float(torch.stack(losses).mean()), support, trainable], dtype=torch.float64)
         if backend.allreduce is not None:
             both = backend.allreduce(both)
-        support, slots = both[1:1 + len(deltas)].sum(), both[1 + len(deltas):].sum()
         dt = time.perf_counter() - t0
         elapsed += dt
         step_tokens = t_cfg.grad_accum * t_cfg.micro_batch_size * cfg.data.seq_len * backend.world
         tokens_seen += step_tokens
-        last = dict(step=step, loss=float(both[0]) / backend.world, lr=lr, grad_norm=grad_norm,
-                    tokens_per_s=step_tokens / dt, step_time_s=dt, density=float(support) / numel,
-                    slots=int(slots), window=window, **rec)
+        last = dict(step=step, loss=float(both[0]) / backend.world, lr=lr,
+                    tokens_per_s=step_tokens / dt, step_time_s=dt,
+                    density=float(both[1]) / method.numel, trainable=int(both[2]), **rec)
         logger.log(last)
         bar.update(1)
         bar.set_postfix(loss=f"{last['loss']:.3f}")
-        if main and progress and (step % t_cfg.log_every == 0 or rec["grown"]):
+        if main and progress and (step % t_cfg.log_every == 0 or rec.get("grown")):
             bar.write(format_record(last))
-        if (t_cfg.checkpoint_every and step % t_cfg.checkpoint_every == 0) or step == t_cfg.steps:
-            state = {"tokens_seen": tokens_seen, "elapsed_s": elapsed,
+        if (t_cfg.checkpoint_every and step % t_cfg.checkpoint_every == 0) or step == total_steps:
+            state = {"tokens_seen": tokens_seen, "elapsed_s": elapsed, "start_model": str(start_ref.resolve()),
                      "rng": torch.get_rng_state().tolist()}
-            ckpt_dir = save_checkpoint(out, step, deltas, state, backend.rank, backend.world,
-                                       barrier, t_cfg.keep_checkpoints)
+            ckpt_dir = save_checkpoint(out, step, method.state_tensors(), state, backend.rank,
+                                       backend.world, barrier, t_cfg.keep_checkpoints)
             if main:  # users of DeepSpeed reach for zero_to_fp32.py: say what these files are
                 (ckpt_dir.parent / "README.md").write_text(CHECKPOINT_README)
     bar.close()
-    backend.set_dense_grad_capture(deltas, False)
-    check_budget(deltas, backend.allreduce, nm)
+    method.finish()
 
+    export_model = backend.export_model(model, start_ref)
+    per_matrix = method.merge(export_model, start_ref, nm)
+    # after the merge: LoRA* is measured re-pruned, as it is exported (sharded SEFT keeps its
+    # deltas in the training model, which computes the same function as the merged export)
     val_loss = heldout_loss(backend, blocks.val, t_cfg.micro_batch_size, t_cfg.eval_batches) \
         if t_cfg.eval_batches else None
-    summary = {"steps": step, "tokens_seen": tokens_seen, "train_time_s": round(elapsed, 3),
-               "final_loss": last.get("loss"), "val_loss": val_loss,
-               "val_ppl": math.exp(val_loss) if val_loss is not None else None}
-    summary = export_run(backend.export_model(model, start_ref), tok, deltas, backend,
-                         out / "export", out / "report.json", start_ref, nm, summary)
+    summary = {"method": cfg.method, "steps": step, "tokens_seen": tokens_seen,
+               "train_time_s": round(elapsed, 3), "final_loss": last.get("loss"),
+               "val_loss": val_loss, "val_ppl": math.exp(val_loss) if val_loss is not None else None}
+    if evaluating and main:
+        evals["repaired"] = stage_eval(export_model, tok, cfg, "repaired", nm)
+        summary["eval"] = {k: v for k, v in evals.items() if v is not None}
+    summary = export_run(export_model, tok, per_matrix, backend, out / "export",
+                         out / "report.json", summary)
+    if main and cfg.eval.plots:
+        from seft_scale.plots import write_plots
+        write_plots(out)
     logger.close()
     barrier()
     return summary
