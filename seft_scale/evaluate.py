@@ -91,7 +91,7 @@ def windows_perplexity(model, windows: torch.Tensor, total_tokens: int, batch_si
     model.train(was_training)
     mean = float(nll) / (n * seqlen)
     return {"seqlen": seqlen, "windows": n, "tokens": total_tokens,
-            "dropped_tokens": total_tokens - n * seqlen, "nll": mean, "ppl": math.exp(mean),
+            "unused_tokens": total_tokens - n * seqlen, "nll": mean, "ppl": math.exp(mean),
             "time_s": round(time.perf_counter() - t0, 3)}
 
 
@@ -143,10 +143,13 @@ def run_lm_eval(model, tokenizer, tasks: Sequence, batch_size: int = 1, limit: O
     """{task: {metric: value}} of lm-eval on the in-memory model; `tasks` from `load_tasks`."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
 
     was_training = model.training
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    # the tasks are loaded already: an empty TaskManager spares simple_evaluate re-indexing ~15k tasks
     out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, num_fewshot=num_fewshot,
+                                  task_manager=TaskManager(include_defaults=False),
                                   log_samples=False, verbosity="WARNING")
     model.train(was_training)
     return {task: {k.removesuffix(",none"): v for k, v in metrics.items()
@@ -238,8 +241,8 @@ def format_results(result: dict) -> str:
     lines = []
     if "perplexity" in result:
         p = result["perplexity"]
-        lines.append(f"perplexity  ppl {p['ppl']:.4f}  (seqlen {p['seqlen']}, {p['windows']} windows, "
-                     f"{p['dropped_tokens']} tokens dropped, {p['time_s']:.1f} s)")
+        lines.append(f"perplexity  ppl {p['ppl']:.4f}  (seqlen {p['seqlen']}: {p['windows']} windows = "
+                     f"{p['windows'] * p['seqlen']} of {p['tokens']} tokens, {p['time_s']:.1f} s)")
     for task, metrics in result.get("lm_eval", {}).items():
         shown = [f"{k} {v:.4f}" + (f" ± {metrics[k + '_stderr']:.4f}" if k + "_stderr" in metrics else "")
                  for k, v in metrics.items() if not k.endswith("_stderr") and k != "sample_len"]

