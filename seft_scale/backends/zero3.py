@@ -223,6 +223,10 @@ class Zero3Backend:
         _set_omp_threads()
         world = int(os.environ.get("WORLD_SIZE", 1))
         self.ds_config = load_ds_config(ds_config or DEFAULT_DS_CONFIG, cfg, world)
+        if cfg.eval.ppl_data or cfg.eval.tasks:  # at any world size: no process holds the model
+            raise ConfigError("eval: in-run evaluation needs the whole model in one process and "
+                              "the zero3 backend partitions it; evaluate the export with "
+                              "launch/evaluate.py")
         self.builds_start = cfg.prune.method != "none" or not cfg.model.path  # as train.py
         _skip_shm_op_build()
         import deepspeed

@@ -74,6 +74,8 @@ def test_ds_config_is_checked_against_the_run_before_any_work():
             load_ds_config({**ds_config(), **change}, cfg, world=3)
     with pytest.raises(ConfigError, match="--ds_config: /nonexistent.json does not exist"):
         Zero3Backend(cfg, "/nonexistent.json")  # before any process group or model
+    with pytest.raises(ConfigError, match="eval: in-run evaluation"):
+        Zero3Backend(load_config(TINY, ["eval.tasks=[piqa]"]))
 
 
 def test_topology_updates_pick_the_same_positions_at_1_2_3_ranks(run2):
