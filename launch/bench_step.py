@@ -31,7 +31,7 @@ from seft_scale.model import build_tiny_llama, find_targets, load_model  # noqa:
 from seft_scale.optim import SlotAdamW  # noqa: E402
 from seft_scale.prune.masks import keep_mask  # noqa: E402
 from seft_scale.sparsity.topology import init_slots, topology_update  # noqa: E402
-from seft_scale.train import attach_seft  # noqa: E402
+from seft_scale.methods import attach_seft  # noqa: E402
 
 TARGETS = SeftConfig().targets
 

@@ -144,9 +144,9 @@ class SeftConfig:
     mask-constraint ablation). Always False in N:M mode."""
     kernel: Literal["auto", "dense", "gather"] = "auto"
     """Sparse-delta linear kernel; auto applies the cost rule of seft_scale/delta.py."""
-    gather_cost_ratio: float = 16.0
+    gather_cost_ratio: float = 400.0
     """Cost of one gathered multiply-add in matmul multiply-adds (cost rule: gather iff
-    K·ratio < d_in·d_out). Measured by launch/bench_step.py."""
+    K·ratio < d_in·d_out). launch/bench_step.py measures it: ~400 on 2 AVX2 cores (2026-11)."""
     init_seed: int = 0
     """Seed of the initial slot placement (uniform over the support)."""
 

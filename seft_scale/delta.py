@@ -45,13 +45,16 @@ class SparseDelta:
         self.mask = (base != 0) if mask is None else mask  # the support M, same layout as base
         self.budget = int(budget)  # B: |M| over all ranks, fixed for the whole run
         self.capacity = int(capacity)  # K: slots over all ranks
-        self.pos = torch.empty(0, dtype=torch.int64)  # global flat positions (sorted)
-        self.values = torch.zeros(0, dtype=torch.float32, requires_grad=True)  # δ
-        self.exp_avg = torch.zeros(0, dtype=torch.float32)
-        self.exp_avg_sq = torch.zeros(0, dtype=torch.float32)
-        self.age = torch.zeros(0, dtype=torch.int32)  # optimizer steps seen by each slot
+        dev = base.device
+        self.pos = torch.empty(0, dtype=torch.int64, device=dev)  # global flat positions (sorted)
+        self.values = torch.zeros(0, dtype=torch.float32, device=dev, requires_grad=True)  # δ
+        self.exp_avg = torch.zeros(0, dtype=torch.float32, device=dev)
+        self.exp_avg_sq = torch.zeros(0, dtype=torch.float32, device=dev)
+        self.age = torch.zeros(0, dtype=torch.int32, device=dev)  # optimizer steps seen by each slot
         self.grad_acc: Optional[torch.Tensor] = None  # dense G over this shard, windows only
-        self.edited = torch.empty(0, dtype=torch.int64)  # global positions where θ was changed
+        # where θ differs from the starting model (merged drops, adapt prunes): a checkpoint stores
+        # θ there only. A bitmap, not a position list, so it never outgrows the shard.
+        self.edited = torch.zeros(base.numel(), dtype=torch.bool, device=dev)
 
     @property
     def numel(self) -> int:
@@ -85,19 +88,20 @@ class SparseDelta:
                   age: torch.Tensor) -> None:
         """New slots at `pos` (must be free), δ = 0, with the given optimizer state."""
         self._set_slots(torch.cat([self.pos, pos]),
-                        torch.cat([self.values.detach(), torch.zeros(len(pos))]),
+                        torch.cat([self.values.detach(), torch.zeros(len(pos), device=pos.device)]),
                         torch.cat([self.exp_avg, exp_avg]), torch.cat([self.exp_avg_sq, exp_avg_sq]),
                         torch.cat([self.age, age]))
 
     def record_edits(self, pos: torch.Tensor) -> None:
-        self.edited = torch.unique(torch.cat([self.edited, pos]))
+        """θ was changed at these global positions."""
+        self.edited[pos - self.offset] = True
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Everything needed to resume: slots, optimizer state, support, edits of θ, window G."""
+        edited = torch.nonzero(self.edited).reshape(-1)
         out = {"pos": self.pos, "values": self.values.detach(), "exp_avg": self.exp_avg,
                "exp_avg_sq": self.exp_avg_sq, "age": self.age, "mask": self.mask,
-               "edited": self.edited,
-               "edited_values": self.base[self.edited - self.offset].detach().clone()}
+               "edited": edited + self.offset, "edited_values": self.base[edited].detach().clone()}
         if self.grad_acc is not None:
             out["grad_acc"] = self.grad_acc
         return out
@@ -105,9 +109,11 @@ class SparseDelta:
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         self._set_slots(sd["pos"], sd["values"], sd["exp_avg"], sd["exp_avg_sq"], sd["age"])
         self.mask.copy_(sd["mask"])
-        self.edited = sd["edited"].clone()
+        idx = sd["edited"] - self.offset
+        self.edited.zero_()
+        self.edited[idx] = True
         with torch.no_grad():
-            self.base[self.edited - self.offset] = sd["edited_values"].to(self.base.dtype)
+            self.base[idx] = sd["edited_values"].to(self.base.dtype)
         self.grad_acc = sd["grad_acc"].clone() if "grad_acc" in sd else None
 
 

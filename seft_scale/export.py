@@ -44,6 +44,7 @@ def matrix_report(merged: torch.Tensor, support: torch.Tensor, start: Optional[t
     entry = {"shape": list(merged.shape), "budget": budget, "support": int(support.sum()),
              "nnz": int(nz.sum()), "density": float(nz.float().mean())}
     if start is not None:
+        start = start.to(merged.device)
         entry["reactivated"] = int((nz & (start == 0)).sum())
         entry["pruned_from_start"] = int((~nz & (start != 0)).sum())
     if nm is not None:

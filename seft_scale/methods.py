@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +85,7 @@ class SeftMethod:
     """The sparse delta: slot AdamW on δ, dense G in selection windows, drop/grow/adapt."""
 
     name = "seft"
+    merge_changes_function = False  # W = θ + S before and after
 
     def __init__(self, cfg: RunConfig, backend, model, targets, tokenizer, nm):
         self.cfg, self.backend, self.nm = cfg, backend, nm
@@ -148,6 +148,7 @@ class _TorchOptimMethod:
     start model's support masks, and checkpoints of parameters + optimizer state."""
 
     name = ""
+    merge_changes_function = False
 
     def __init__(self, cfg: RunConfig, backend, model, targets, tokenizer, nm):
         if backend.world != 1 or type(backend).__name__ != "LocalBackend":
@@ -262,6 +263,7 @@ class LoraStarMethod(_TorchOptimMethod):
     the run's pruner (the paper's LoRA*; with prune.method none, by magnitude to exactly B)."""
 
     name = "lora_star"
+    merge_changes_function = True  # the re-prune after the merge
 
     def build(self):
         from peft import LoraConfig, get_peft_model

@@ -28,10 +28,10 @@ class SlotAdamW:
         b1, b2 = self.betas
         if window <= 0:
             z = torch.zeros_like(mean_grad, dtype=torch.float32)
-            return z, z.clone(), torch.zeros(len(mean_grad), dtype=torch.int32)
+            return z, z.clone(), torch.zeros(len(mean_grad), dtype=torch.int32, device=z.device)
         g = mean_grad.to(torch.float32)
         return (g * (1 - b1 ** window), g * g * (1 - b2 ** window),
-                torch.full((len(g),), window, dtype=torch.int32))
+                torch.full((len(g),), window, dtype=torch.int32, device=g.device))
 
     @torch.no_grad()
     def step(self, deltas: Sequence[SparseDelta], lr: Optional[float] = None) -> None:
@@ -66,7 +66,7 @@ def clip_slot_grads(deltas: Sequence[SparseDelta], max_norm: float,
     sq = torch.zeros(1, dtype=torch.float64)
     for d in deltas:
         if d.values.grad is not None:
-            sq += d.values.grad.to(torch.float64).pow(2).sum()
+            sq += d.values.grad.to(torch.float64).pow(2).sum().cpu()
     if allreduce is not None:
         sq = allreduce(sq)
     norm = math.sqrt(float(sq))

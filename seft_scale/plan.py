@@ -302,7 +302,7 @@ def _edited_bound(seft: SeftConfig, steps: int, capacity: int, numel: int) -> in
 def plan_memory(inp: PlanInput) -> MemoryPlan:
     """Per-rank memory of the worst rank, by component (see the module docstring)."""
     from seft_scale.delta import _GATHER_CHUNK_ELEMS, choose_kernel
-    from seft_scale.train import slot_capacity
+    from seft_scale.methods import slot_capacity
 
     s, W, be = inp.shape, inp.world, inp.backend
     if be not in BACKENDS:

@@ -22,7 +22,7 @@ from seft_scale.checkpoint import latest_checkpoint, load_trainer_state, save_ch
 from seft_scale.config import ConfigError, RunConfig, TrainConfig, to_dict
 from seft_scale.data import TokenSplit, batch_indices, build_data, tokenizer_training_text
 from seft_scale.export import export_run
-from seft_scale.methods import attach_seft, make_method, slot_capacity  # noqa: F401 (re-exported)
+from seft_scale.methods import make_method
 from seft_scale.metrics import MetricsLogger, format_record
 from seft_scale.model import find_targets, save_model
 from seft_scale.prune import prune_model
@@ -254,12 +254,17 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: bool = False,
     bar.close()
     method.finish()
 
+    def measure() -> Optional[float]:
+        return heldout_loss(backend, blocks.val, t_cfg.micro_batch_size, t_cfg.eval_batches) \
+            if t_cfg.eval_batches else None
+
+    # the held-out loss of what is exported: before the merge where merging keeps the function
+    # (and sharded backends still hold the training model), after it where it does not (LoRA*)
+    val_loss = None if method.merge_changes_function else measure()
     export_model = backend.export_model(model, start_ref)
     per_matrix = method.merge(export_model, start_ref, nm)
-    # after the merge: LoRA* is measured re-pruned, as it is exported (sharded SEFT keeps its
-    # deltas in the training model, which computes the same function as the merged export)
-    val_loss = heldout_loss(backend, blocks.val, t_cfg.micro_batch_size, t_cfg.eval_batches) \
-        if t_cfg.eval_batches else None
+    if method.merge_changes_function:
+        val_loss = measure()
     summary = {"method": cfg.method, "steps": step, "tokens_seen": tokens_seen,
                "train_time_s": round(elapsed, 3), "final_loss": last.get("loss"),
                "val_loss": val_loss, "val_ppl": math.exp(val_loss) if val_loss is not None else None}

@@ -7,12 +7,14 @@
   backward sums every rank's δ-gradients and hands each owner its own slots' sum.
 * `reduce_scatter_flat`: a dense tensor summed over ranks, each rank keeping its flat range
   (the selection-window G into θ's shard layout).
+* `peer_guard`: turns a failed collective into a `PeerFailure` naming the phase.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -34,6 +36,26 @@ def init_distributed(timeout_s: Optional[float] = None) -> tuple[int, int, int]:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+class PeerFailure(RuntimeError):
+    """A collective failed: another rank died, hung past SEFT_DIST_TIMEOUT, or lost the network."""
+
+
+@contextlib.contextmanager
+def peer_guard(rank: int, what: str) -> Iterator[None]:
+    """Name the phase and the likely cause when a collective fails (gloo/NCCL only say 'connection
+    closed' or 'timed out'), so the surviving ranks exit with an error a user can act on."""
+    try:
+        yield
+    except (RuntimeError, dist.DistError) as e:
+        text = str(e).lower()
+        if isinstance(e, PeerFailure) or not (isinstance(e, dist.DistError) or any(
+                k in text for k in ("gloo", "nccl", "connection", "timed out", "timeout", "peer"))):
+            raise
+        raise PeerFailure(f"rank {rank}: a collective failed during {what}: another rank probably "
+                          f"died or hung (look for the first error in the other ranks' logs). "
+                          f"Cause: {str(e).splitlines()[0][:300]}") from e
 
 
 def make_allreduce(group=None) -> Callable[[torch.Tensor], torch.Tensor]:

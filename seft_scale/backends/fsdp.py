@@ -26,46 +26,21 @@ other ranks build it on the meta device, and `attach` broadcasts rank 0's weight
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from seft_scale.backends.dist import (gather_slots, init_distributed, make_allreduce,
+from seft_scale.backends.dist import (gather_slots, init_distributed, make_allreduce, peer_guard,
                                       reduce_scatter_flat)
 from seft_scale.config import ConfigError, FSDPConfig, ModelConfig
 from seft_scale.delta import SparseDelta, SparseDeltaLinear
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class PeerFailure(RuntimeError):
-    """A collective failed: another rank died, hung past SEFT_DIST_TIMEOUT, or lost the network."""
-
-
-@contextlib.contextmanager
-def _collective(rank: int, what: str) -> Iterator[None]:
-    """Name the phase and the likely cause when a collective fails (gloo/NCCL only say 'connection
-    closed' or 'timed out'), so the surviving ranks exit with an error a user can act on."""
-    try:
-        yield
-    except (RuntimeError, dist.DistError) as e:
-        if isinstance(e, PeerFailure) or not _is_comm_error(e):
-            raise
-        raise PeerFailure(f"rank {rank}: a collective failed during {what}: another rank probably "
-                          f"died or hung (look for the first error in the other ranks' logs). "
-                          f"Cause: {str(e).splitlines()[0][:300]}") from e
-
-
-def _is_comm_error(e: BaseException) -> bool:
-    text = str(e).lower()
-    return isinstance(e, dist.DistError) or any(
-        s in text for s in ("gloo", "nccl", "connection", "timed out", "timeout", "peer"))
 
 
 class FSDPBackend:
@@ -79,7 +54,7 @@ class FSDPBackend:
         reduce = make_allreduce()
 
         def allreduce(t: torch.Tensor) -> torch.Tensor:
-            with _collective(self.rank, "an all-reduce of the trainer or selector"):
+            with peer_guard(self.rank, "an all-reduce of the trainer or selector"):
                 return reduce(t)
         self.allreduce = allreduce
         self.model: Optional[nn.Module] = None
@@ -100,7 +75,7 @@ class FSDPBackend:
         model, tok = load_model(cfg, torch.device("cpu"), train_text, path) if self.rank == 0 \
             else (None, None)
         shared = [tok]
-        with _collective(self.rank, "loading the model"):
+        with peer_guard(self.rank, "loading the model"):
             dist.broadcast_object_list(shared, src=0)  # one tokenizer for all ranks' data
         tok = shared[0]
         if self.rank != 0:
@@ -136,7 +111,7 @@ class FSDPBackend:
         for module in layers + [model]:
             fully_shard(module, mp_policy=policy,
                         reshard_after_forward=self.cfg.reshard_after_forward)
-        with _collective(self.rank, "broadcasting the model from rank 0"):
+        with peer_guard(self.rank, "broadcasting the model from rank 0"):
             if self.rank == 0:
                 model.to(self.device)
             else:
@@ -152,7 +127,7 @@ class FSDPBackend:
         rows = torch.tensor([lin.weight.to_local().shape[0] for _, lin in targets],
                             dtype=torch.int64, device=self.device)
         all_rows = torch.empty(self.world * len(targets), dtype=torch.int64, device=self.device)
-        with _collective(self.rank, "sharding the model"):
+        with peer_guard(self.rank, "sharding the model"):
             dist.all_gather_into_tensor(all_rows, rows)
         all_rows = all_rows.cpu().view(self.world, len(targets))
         deltas = []
@@ -171,7 +146,7 @@ class FSDPBackend:
 
     # -- the step --------------------------------------------------------------------------------
     def barrier(self) -> None:
-        with _collective(self.rank, "a barrier"):
+        with peer_guard(self.rank, "a barrier"):
             dist.barrier()
 
     def set_dense_grad_capture(self, deltas: Sequence[SparseDelta], on: bool) -> None:
@@ -191,7 +166,7 @@ class FSDPBackend:
             mod.seft_dense_grad_hook = hook
 
     def forward_backward(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
-        with _collective(self.rank, "a forward/backward pass"):
+        with peer_guard(self.rank, "a forward/backward pass"):
             out = self.model(**batch)
             (out.loss * scale).backward()
         return out.loss.detach()
@@ -218,7 +193,7 @@ class FSDPBackend:
         padded = torch.zeros(width, dtype=local.dtype, device=local.device)
         padded[: len(local)] = local
         parts = [torch.empty_like(padded) for _ in bounds] if self.rank == 0 else None
-        with _collective(self.rank, "gathering a matrix for export"):
+        with peer_guard(self.rank, "gathering a matrix for export"):
             dist.gather(padded, parts, dst=0)
         if self.rank != 0:
             return None

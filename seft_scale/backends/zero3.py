@@ -74,7 +74,6 @@ import dataclasses
 import importlib
 import json
 import os
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -83,7 +82,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from seft_scale.backends.dist import gather_slots, init_distributed, make_allreduce, reduce_scatter_flat
+from seft_scale.backends.dist import (gather_slots, init_distributed, make_allreduce, peer_guard,
+                                      reduce_scatter_flat)
 from seft_scale.config import ConfigError, ModelConfig, RunConfig
 from seft_scale.delta import SparseDelta, SparseDeltaLinear
 from seft_scale.model import build_tiny_llama, load_model, resolve_attn, resolve_dtype
@@ -196,26 +196,6 @@ def _input_requires_grad(module: nn.Module, args: tuple):
     return None
 
 
-class PeerFailure(RuntimeError):
-    """A collective failed: another rank died, hung past SEFT_DIST_TIMEOUT, or lost the network."""
-
-
-@contextmanager
-def _peer_guard(rank: int, what: str):
-    """gloo/NCCL only say 'connection closed' or 'timed out': name the phase and the likely cause
-    so the surviving ranks exit with an error a user can act on."""
-    try:
-        yield
-    except (RuntimeError, dist.DistError) as e:
-        text = str(e).lower()
-        if isinstance(e, PeerFailure) or not (isinstance(e, dist.DistError) or any(
-                k in text for k in ("gloo", "nccl", "connection", "timed out", "timeout", "peer"))):
-            raise
-        raise PeerFailure(f"rank {rank}: a collective failed during {what}: another rank probably "
-                          f"died or hung (look for the first error in the other ranks' logs). "
-                          f"Cause: {str(e).splitlines()[0][:300]}") from e
-
-
 class Zero3Backend:
     """The Backend protocol (seft_scale/backends/__init__.py) over DeepSpeed ZeRO stage 3."""
 
@@ -239,7 +219,7 @@ class Zero3Backend:
         reduce = make_allreduce()
 
         def allreduce(t: torch.Tensor) -> torch.Tensor:
-            with _peer_guard(self.rank, "an all-reduce of the trainer or selector"):
+            with peer_guard(self.rank, "an all-reduce of the trainer or selector"):
                 return reduce(t)
         self.allreduce = allreduce
         self.model: Optional[nn.Module] = None
@@ -251,7 +231,7 @@ class Zero3Backend:
         self._bounds: dict[str, list[tuple[int, int]]] = {}  # every rank's true flat range
 
     def barrier(self) -> None:
-        with _peer_guard(self.rank, "a barrier"):
+        with peer_guard(self.rank, "a barrier"):
             dist.barrier()
 
     # -- model construction --------------------------------------------------------------------
@@ -272,13 +252,13 @@ class Zero3Backend:
             attn_implementation=resolve_attn(cfg.attn_implementation, self.device))
         if path or not self.builds_start:
             self._zero3_on()
-            with _peer_guard(self.rank, "loading the model"):
+            with peer_guard(self.rank, "loading the model"):
                 model, tok = load_model(cfg, self.device, train_text, path)
             self._check_dtype(model)
             return model, tok
         model, tok = load_model(cfg, self.device, train_text) if self.rank == 0 else (None, None)
         shared = [tok]
-        with _peer_guard(self.rank, "loading the model"):
+        with peer_guard(self.rank, "loading the model"):
             dist.broadcast_object_list(shared, src=0)  # one tokenizer for every rank's data
         tok = shared[0]
         if self.rank != 0:
@@ -330,7 +310,7 @@ class Zero3Backend:
                kernel_for: Callable[[tuple[int, int]], str]) -> list[SparseDelta]:
         import deepspeed
 
-        with _peer_guard(self.rank, "partitioning the model"):
+        with peer_guard(self.rank, "partitioning the model"):
             if not all(hasattr(p, "ds_tensor") for p in model.parameters()):
                 model = self._partition(model)
             for p in model.parameters():
@@ -371,7 +351,7 @@ class Zero3Backend:
             mod.seft_dense_grad_hook = hook
 
     def forward_backward(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
-        with _peer_guard(self.rank, "a forward/backward"):
+        with peer_guard(self.rank, "a forward/backward"):
             out = self.model(**batch)
             (out.loss * scale).backward()
         return out.loss.detach()
@@ -388,7 +368,7 @@ class Zero3Backend:
             if p.ds_status != ZeroParamStatus.AVAILABLE:
                 continue  # the next gather reads the edited partitions
             full = torch.empty(p.ds_tensor.numel() * self.world, dtype=p.dtype, device=self.comm_device)
-            with _peer_guard(self.rank, "refreshing a resident weight"):
+            with peer_guard(self.rank, "refreshing a resident weight"):
                 dist.all_gather_into_tensor(full, p.ds_tensor.to(self.comm_device))
             p.data.copy_(full[: p.ds_numel].view_as(p.data))
 
@@ -400,7 +380,7 @@ class Zero3Backend:
 
         for d in deltas:
             p = self._params[d.name]
-            with _peer_guard(self.rank, "gathering a matrix for export"):
+            with peer_guard(self.rank, "gathering a matrix for export"):
                 pos, values = self._full_slots(d)
                 mask = self._gather_flat(d.mask.to(torch.uint8), d.name).bool()
             with GatheredParameters([p], modifier_rank=0):
@@ -426,7 +406,7 @@ class Zero3Backend:
     def save_pretrained(self, model: nn.Module, tokenizer, out) -> None:
         """Every rank: DeepSpeed consolidates the state dict one module at a time into rank 0's
         host memory (the source of its save_16bit_model); rank 0 writes the HF folder."""
-        with _peer_guard(self.rank, "consolidating the model for export"):
+        with peer_guard(self.rank, "consolidating the model for export"):
             state = self.engine._zero3_consolidated_16bit_state_dict()
         if self.rank == 0:
             out = Path(out)

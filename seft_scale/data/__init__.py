@@ -17,9 +17,6 @@ Held-out split (`data.val_fraction`, unless `data.validation` names another sour
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-
-import torch
 
 from seft_scale.config import ConfigError, DataConfig
 from seft_scale.data.blocks import IGNORE_INDEX, TokenBlocks, TokenSplit, batch_indices

@@ -64,7 +64,7 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 def position_noise(name: str, seed: int, pos: torch.Tensor) -> torch.Tensor:
     """A uniform [0, 1) value per global position that depends on nothing but (name, seed, pos)."""
-    salt = _mix32(torch.tensor([zlib.crc32(name.encode()) ^ (seed & 0xFFFFFFFF)]))
+    salt = _mix32(torch.tensor([zlib.crc32(name.encode()) ^ (seed & 0xFFFFFFFF)], device=pos.device))
     h = _mix32(_mix32(pos & 0xFFFFFFFF) ^ salt ^ _mix32((pos >> 32) + 0x9E3779B9))
     return (h >> 8).to(torch.float32) / float(1 << 24)
 
@@ -78,8 +78,8 @@ def init_slots(deltas: Sequence[SparseDelta], seed: int, seed_fn: SeedFn,
     chosen = select_topk(scores, cand, [d.capacity for d in deltas], True, allreduce)
     for d, c, s in zip(deltas, cand, chosen):
         new = c[s]
-        d.keep_slots(torch.zeros(len(d.pos), dtype=torch.bool))
-        d.add_slots(new, *seed_fn(torch.zeros(len(new))))
+        d.keep_slots(torch.zeros(len(d.pos), dtype=torch.bool, device=d.pos.device))
+        d.add_slots(new, *seed_fn(torch.zeros(len(new), device=new.device)))
 
 
 def topology_update(deltas: Sequence[SparseDelta], drop_fraction: float, window_steps: int,
@@ -102,7 +102,7 @@ def topology_update(deltas: Sequence[SparseDelta], drop_fraction: float, window_
     # GROW: the largest |G| among positions without a remaining slot
     cands = []
     for d, dr in zip(deltas, drop):
-        free = torch.ones(d.length, dtype=torch.bool)
+        free = torch.ones(d.length, dtype=torch.bool, device=d.mask.device)
         free[d.local_index()[~dr]] = False
         if nm or not reactivation:
             free &= d.mask

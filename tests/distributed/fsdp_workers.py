@@ -86,7 +86,7 @@ def _plain(x):
 
 def _attach(model_dir: str, fsdp: FSDPConfig, seft: SeftConfig):
     from seft_scale.model import find_targets
-    from seft_scale.train import attach_seft
+    from seft_scale.methods import attach_seft
     backend = FSDPBackend(fsdp)
     model, _ = backend.load_model(ModelConfig(path=model_dir))
     deltas = attach_seft(backend, model, find_targets(model, seft.targets), seft)

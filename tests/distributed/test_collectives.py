@@ -6,7 +6,6 @@ from tests.distributed.harness import run_world
 
 
 def _gather_worker(rank, world):
-    import torch.distributed as dist
     from seft_scale.backends.dist import gather_slots, reduce_scatter_flat
     pos = torch.arange(rank * 10, rank * 10 + rank + 1)  # uneven counts: 1, 2, 3
     vals = (pos.float() + 0.5).requires_grad_(True)

@@ -72,7 +72,7 @@ def measure_worker(rank, world, backend_name, model_dir, dtype="float32", zero=N
     from seft_scale.model import find_targets
     from seft_scale.optim import SlotAdamW
     from seft_scale.sparsity.topology import init_slots, topology_update
-    from seft_scale.train import attach_seft
+    from seft_scale.methods import attach_seft
 
     cfg = RunConfig(model=ModelConfig(path=model_dir, dtype=dtype),
                     seft=SeftConfig(lora_rank=LORA_RANK))

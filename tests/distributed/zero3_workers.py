@@ -6,7 +6,6 @@ import copy
 import json
 import os
 import time
-from pathlib import Path
 
 import torch
 
@@ -44,7 +43,7 @@ def topology(rank, world, model_dir, ds, updates=3):
     from seft_scale.model import find_targets
     from seft_scale.optim import SlotAdamW
     from seft_scale.sparsity.topology import check_budget, init_slots, topology_update
-    from seft_scale.train import attach_seft
+    from seft_scale.methods import attach_seft
 
     cfg = load_config(TINY, [f"model.path={model_dir}", "prune.method=none"])
     backend = Zero3Backend(cfg, ds)

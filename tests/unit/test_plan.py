@@ -102,7 +102,7 @@ def test_activation_line_is_what_a_forward_saves_for_backward(dtype):
     from seft_scale.prune.magnitude import prune_magnitude
     from seft_scale.sparsity.topology import init_slots
     from seft_scale.optim import SlotAdamW
-    from seft_scale.train import attach_seft
+    from seft_scale.methods import attach_seft
 
     tiny = TinyModelConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=3,
                            num_attention_heads=4, num_key_value_heads=2)

@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 
 from seft_scale.config import ConfigError, ModelConfig, PruneConfig, SeftConfig, TinyModelConfig, load_config
 from seft_scale.model import build_tiny_llama, find_targets, save_model, train_tokenizer
