@@ -10,7 +10,7 @@
 --config is a run config (its model.path's config.json gives the shape, or --preset when that
 folder is not on this machine; a run without model.path plans its model.tiny) or a model preset
 (configs/models/). Run-config values (micro-batch, sequence length, dtype, SEFT budget, fsdp
-section, train.steps) are used unless overridden here. The formula and what it covers:
+section) are used unless overridden here. The formula and what it covers:
 seft_scale/plan.py. Exit status 1 when --gpu/--gpu-mem is given and the run does not fit.
 """
 import argparse
@@ -37,15 +37,15 @@ def build_input(args) -> tuple[PlanInput, dict]:
     if "shape" in read_yaml(args.config):  # --config is a preset
         if preset is not None or args.overrides:
             raise ConfigError("--config is a preset: it takes neither --preset nor key=value "
-                              "overrides (use --micro-batch, --seq, --dtype, --steps)")
+                              "overrides (use --micro-batch, --seq, --dtype)")
         preset = load_preset(args.config)
         shape, seft, fsdp = preset.shape, preset.seft, preset.fsdp
-        dtype, micro, seq, steps = "bfloat16", 1, min(2048, shape.max_position_embeddings), 1000
+        dtype, micro, seq = "bfloat16", 1, min(2048, shape.max_position_embeddings)
     else:
         cfg = load_config(args.config, args.overrides, check_paths=False)
         shape, seft, fsdp = read_shape(args.config, preset), cfg.seft, cfg.fsdp
         dtype = "bfloat16" if cfg.model.dtype == "auto" else cfg.model.dtype
-        micro, seq, steps = cfg.train.micro_batch_size, cfg.data.seq_len, cfg.train.steps
+        micro, seq = cfg.train.micro_batch_size, cfg.data.seq_len
     dtype = DTYPE_NAMES.get(args.dtype, args.dtype) or dtype
     compute = dtype
     if args.backend == "fsdp" and not args.dtype:  # FSDP computes in param_dtype
@@ -60,7 +60,7 @@ def build_input(args) -> tuple[PlanInput, dict]:
             zero = {**zero, **preset.zero_optimization}
     inp = PlanInput(shape=shape, seft=seft, world=args.world_size, backend=args.backend,
                     dtype=dtype, compute_dtype=compute, micro_batch=args.micro_batch or micro,
-                    seq_len=args.seq or seq, steps=args.steps or steps,
+                    seq_len=args.seq or seq,
                     reshard_after_forward=fsdp.reshard_after_forward, zero=zero,
                     gpus_per_node=args.world_size // nodes)
     return inp, (preset.zero_optimization if preset else {})
@@ -83,7 +83,6 @@ def main(argv=None) -> int:
                     help="weights/compute dtype (default: the run's model.dtype; auto = bf16)")
     ap.add_argument("--micro-batch", type=int, help="sequences per rank per forward")
     ap.add_argument("--seq", type=int, help="tokens per sequence")
-    ap.add_argument("--steps", type=int, help="train.steps (bounds the θ-edit log)")
     ap.add_argument("--write-ds-config", metavar="OUT.json",
                     help="write --ds-config (default configs/ds/zero3.json) with the preset's "
                          "zero_optimization merged in, for launch/train.py --ds_config")
@@ -91,7 +90,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.backend = args.backend or ("local" if args.world_size == 1 else "fsdp")
     try:
-        for key in ("world_size", "nodes", "micro_batch", "seq", "steps"):
+        for key in ("world_size", "nodes", "micro_batch", "seq"):
             if getattr(args, key) is not None and getattr(args, key) < 1:
                 raise ConfigError(f"--{key.replace('_', '-')} must be >= 1")
         if args.gpu_mem is not None and args.gpu_mem <= 0:

@@ -6,8 +6,8 @@ gives the first ranks ceil(rows/W) rows) and follows what the code does:
 
 resident  θ shard (model dtype); SEFT slots: the SparseDelta fields pos, δ, δ-grad, Adam m and v,
           age (dtypes read off delta.py), K/W per rank, assuming slots spread evenly over the flat
-          range; support mask (bool over the shard); θ-edit log (int64 positions, bounded at the
-          last step); ZeRO-3's whole copies of parameters under the persistence threshold.
+          range; support mask and θ-edit bitmap (bool over the shard each); ZeRO-3's whole
+          copies of parameters under the persistence threshold.
 step      Saved activations (HF Llama blocks; no activation checkpointing, as the trainer runs),
           every target's gathered (pos, δ) (each forward keeps them for its backward), weights
           gathered by the sharding backend, and the sparse-delta kernel's scratch. The step's peak
@@ -221,8 +221,6 @@ class PlanInput:
     """Sequences per rank per forward (train.micro_batch_size)."""
     seq_len: int = 2048
     """Tokens per sequence (data.seq_len)."""
-    steps: int = 1000
-    """train.steps, for the bound on the θ-edit log."""
     reshard_after_forward: bool = True
     """fsdp.reshard_after_forward."""
     zero: dict = field(default_factory=dict)
@@ -289,16 +287,6 @@ def _slot_layout() -> tuple[int, int, str]:
     return sum(t.element_size() for t in fields.values()), d.mask.element_size(), desc
 
 
-def _edited_bound(seft: SeftConfig, steps: int, capacity: int, numel: int) -> int:
-    """Positions the θ-edit log may hold at the last step: each update merges its dropped slots
-    into θ (merge_dropped) and adapt zeroes at most as many positions as were grown."""
-    from seft_scale.sparsity.schedule import drop_fraction, is_update_step
-    per_drop = 2 if seft.merge_dropped else 1
-    n = sum(per_drop * int(drop_fraction(t, steps, seft.drop_rate, seft.drop_schedule) * capacity)
-            for t in range(1, steps + 1) if is_update_step(t, seft.update_interval, steps))
-    return min(n, numel)
-
-
 def plan_memory(inp: PlanInput) -> MemoryPlan:
     """Per-rank memory of the worst rank, by component (see the module docstring)."""
     from seft_scale.delta import _GATHER_CHUNK_ELEMS, choose_kernel
@@ -353,11 +341,8 @@ def plan_memory(inp: PlanInput) -> MemoryPlan:
             f"elements, whole · {e} B")
     seft_state = add("SEFT slots + optimizer", where, nl * sum(math.ceil(k / W) for k in caps) * slot_b,
                      f"K/W slots · {slot_b} B ({slot_desc})")
-    seft_state += add("support mask", where, n_shard * mask_b, f"Σ_targets numel/W · {mask_b} B")
-    edits = nl * sum(_edited_bound(inp.seft, inp.steps, k, r * c) / W
-                     for (_, r, c), k in zip(targets, caps))
-    seft_state += add("θ-edit log (bound at the last step)", where, edits * 8,
-                      "Σ_updates (1 + merge_dropped)·p_t·K /W int64, capped at numel/W")
+    seft_state += add("support mask + θ-edit bitmap", where, 2 * n_shard * mask_b,
+                      f"2 · Σ_targets numel/W · {mask_b} B")
 
     # -- a training step
     # Saved per decoder layer (HF Llama, sdpa/flash, GQA without repeating k/v): both RMSNorms'

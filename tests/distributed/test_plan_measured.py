@@ -5,7 +5,7 @@ How memory is measured, per rank, on a magnitude-pruned Llama (2 layers; 3 ranks
 unevenly), fp32 and bf16:
 * resident state by exact tensor accounting: the bytes of every parameter storage this rank holds
   (padded shards included) and of every SparseDelta tensor (slots, δ-grad, Adam moments, ages,
-  support mask);
+  support mask, θ-edit bitmap);
 * transients as the heap's peak: glibc's mallinfo2 (bytes in use in malloc'd and mmap'd chunks,
   which is where torch's CPU allocator gets its memory) sampled after every aten op of the phase
   by a TorchDispatchMode, minus the bytes in use just before it. Measured after one warm-up round
@@ -111,7 +111,7 @@ def measure_worker(rank, world, backend_name, model_dir, dtype="float32", zero=N
     out["persistent"] = sum(storage_bytes(p.data) for p in params if getattr(p, "ds_persist", False))
     out["slots"] = sum(t.numel() * t.element_size() for d in deltas  # δ twice: δ-grad, same size,
                        for t in (d.pos, d.values, d.values, d.exp_avg, d.exp_avg_sq, d.age))  # lives
-    out["mask"] = sum(d.mask.numel() * d.mask.element_size() for d in deltas)  # backward->step
+    out["mask"] = sum(t.numel() * t.element_size() for d in deltas for t in (d.mask, d.edited))
     return out
 
 
@@ -147,7 +147,7 @@ def planned(model_dir, backend, world, dtype="float32", zero=None):
     shape = ModelShape.from_hf(json.loads((Path(model_dir) / "config.json").read_text()), model_dir)
     return plan_memory(PlanInput(
         shape=shape, seft=SeftConfig(lora_rank=LORA_RANK), world=world, backend=backend,
-        dtype=dtype, compute_dtype=dtype, micro_batch=BATCH, seq_len=SEQ, steps=0,
+        dtype=dtype, compute_dtype=dtype, micro_batch=BATCH, seq_len=SEQ,
         zero=ds_config(zero or {})["zero_optimization"] if backend == "zero3" else {}))
 
 
@@ -163,7 +163,7 @@ def test_formula_within_10_percent_of_measured(model_dir, backend, world, dtype,
     plan = planned(model_dir, backend, world, dtype, zero)
     resident = plan.resident  # the phases are measured above what the rank holds before them
     want = {"theta": plan.get("θ shard"), "persistent": plan.get("ZeRO-3 persistent params"),
-            "seft": plan.get("SEFT slots + optimizer") + plan.get("support mask"),
+            "seft": plan.get("SEFT slots + optimizer") + plan.get("support mask + θ-edit bitmap"),
             "step": plan.step_peak - resident, "window": plan.window_peak - resident,
             "grad_acc": plan.get("G accumulator"),
             "update": plan.update_peak - resident - plan.get("G accumulator")}

@@ -77,8 +77,8 @@ def test_shards_and_slots_by_hand():
     assert fsdp.get("θ shard") == sum(-(-r // 4) * c for r, c in rows_cols) * 4
     # q_proj: K = 1·(6+6) = 12 slots, 3 per rank, each pos int64 + δ, grad, m, v fp32 + age int32
     assert fsdp.get("SEFT slots + optimizer") == 3 * (8 + 4 * 4 + 4)
-    assert fsdp.get("support mask") == 2 * 6 and fsdp.get("G accumulator") == 2 * 6 * 4
-    assert zero.get("support mask") == 9 and zero.get("topology update scratch") == 28 * 9 + 24 * 9
+    assert fsdp.get("support mask + θ-edit bitmap") == 2 * 2 * 6 and fsdp.get("G accumulator") == 2 * 6 * 4
+    assert zero.get("support mask + θ-edit bitmap") == 2 * 9 and zero.get("topology update scratch") == 28 * 9 + 24 * 9
 
 
 def test_zero3_persistence_and_offload():
