@@ -16,6 +16,7 @@ methods train r·(d_in + d_out) values per matrix, SEFT's K for seft.lora_rank =
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -81,6 +82,17 @@ def attach_seft(backend, model, targets, s_cfg) -> list[SparseDelta]:
     return deltas
 
 
+def layer_groups(deltas: list[SparseDelta]) -> list[list[SparseDelta]]:
+    """The deltas one decoder layer at a time: selection scratch (candidates, scores, keys: ~28 B
+    per weight of the shard) then exists for one layer, not the whole model, at the cost of one
+    selector call per layer instead of one per model."""
+    groups: dict[str, list[SparseDelta]] = {}
+    for d in deltas:
+        m = re.search(r"^(.*?\.\d+)\.", d.name)
+        groups.setdefault(m.group(1) if m else "", []).append(d)
+    return list(groups.values())
+
+
 class SeftMethod:
     """The sparse delta: slot AdamW on δ, dense G in selection windows, drop/grow/adapt."""
 
@@ -95,8 +107,9 @@ class SeftMethod:
         self.numel = sum(d.numel for d in self.deltas)
 
     def init_state(self) -> None:
-        init_slots(self.deltas, self.cfg.seft.init_seed, lambda g: self.opt.seed(g, 0),
-                   self.backend.allreduce)
+        for group in layer_groups(self.deltas):
+            init_slots(group, self.cfg.seft.init_seed, lambda g: self.opt.seed(g, 0),
+                       self.backend.allreduce)
 
     def load(self, ckpt: Path) -> None:
         load_deltas(ckpt, self.deltas)
@@ -120,12 +133,15 @@ class SeftMethod:
         if is_update_step(step, s.update_interval, t.steps):
             backend.set_dense_grad_capture(self.deltas, False)
             p = drop_fraction(step, t.steps, s.drop_rate, s.drop_schedule)
-            stats = topology_update(
-                self.deltas, p, s.window, lambda g: self.opt.seed(g, s.window),
-                merge_dropped=s.merge_dropped, reactivation=s.reactivation,
-                nm=self.nm is not None, criterion=s.adapt_criterion, allreduce=backend.allreduce)
+            for group in layer_groups(self.deltas):
+                stats = topology_update(
+                    group, p, s.window, lambda g: self.opt.seed(g, s.window),
+                    merge_dropped=s.merge_dropped, reactivation=s.reactivation,
+                    nm=self.nm is not None, criterion=s.adapt_criterion, allreduce=backend.allreduce)
+                for key, value in stats.totals().items():
+                    rec[key] += value
             backend.base_changed(self.deltas)
-            rec.update(stats.totals(), drop_fraction=p)
+            rec["drop_fraction"] = p
         return rec
 
     def check(self) -> None:

@@ -16,9 +16,9 @@ step      Saved activations (HF Llama blocks; no activation checkpointing, as th
           δ-gradient chunks plus one MLP's gradients).
 window    The fp32 dense-gradient accumulator over the shard (from the first window step to the
           update) and one matrix's full G with its reduce-scatter buffers; the dense kernel runs.
-update    topology_update's grow phase holds, for every target matrix at once, its candidate
-          indices, scores, global positions and selection keys: 28 B per shard element, plus one
-          matrix's key construction (24 B per element of the largest shard).
+update    topology_update runs one decoder layer at a time; its grow phase holds, for every target
+          of the layer, candidate indices, scores, global positions and selection keys: 28 B per
+          shard element, plus one matrix's key construction (24 B per element of the largest shard).
 
 Under ZeRO param offload θ's partitions and the SEFT state next to them (slots, mask, G
 accumulator, update scratch) are in host memory (backends/zero3.py); the rest stays on the GPU.
@@ -412,10 +412,11 @@ def plan_memory(inp: PlanInput) -> MemoryPlan:
     window_peak = slots_gathered + max(
         acts_fwd + gw_fwd + dense_compose, acts + gw_bwd + max(logits, g_one + mlp_grads, gather_buffer))
 
-    # -- topology update (grow: every matrix's candidates, scores, positions and keys at once)
+    # -- topology update: one decoder layer at a time (SeftMethod.layer_groups), whose grow phase
+    # holds every matrix's candidates, scores, positions and keys at once
     upd = add("topology update scratch", "update",
-              28 * n_shard + 24 * max(shard(r, c) for _, r, c in targets),
-              "Σ_targets numel/W · (8 index + 4 score + 8 position + 8 key) + 24 B · largest shard")
+              28 * (n_shard // nl) + 24 * max(shard(r, c) for _, r, c in targets),
+              "Σ_layer targets numel/W · (8 index + 4 score + 8 position + 8 key) + 24 B · largest shard")
 
     gpu_resident = sum(x.bytes for x in lines if x.phase == "resident")
     cpu = theta + seft_state + gacc + upd if offload else 0.0

@@ -72,7 +72,7 @@ def measure_worker(rank, world, backend_name, model_dir, dtype="float32", zero=N
     from seft_scale.model import find_targets
     from seft_scale.optim import SlotAdamW
     from seft_scale.sparsity.topology import init_slots, topology_update
-    from seft_scale.methods import attach_seft
+    from seft_scale.methods import attach_seft, layer_groups
 
     cfg = RunConfig(model=ModelConfig(path=model_dir, dtype=dtype),
                     seft=SeftConfig(lora_rank=LORA_RANK))
@@ -94,7 +94,8 @@ def measure_worker(rank, world, backend_name, model_dir, dtype="float32", zero=N
 
     def update():
         backend.set_dense_grad_capture(deltas, False)
-        topology_update(deltas, 0.2, 1, lambda g: opt.seed(g, 1), allreduce=backend.allreduce)
+        for group in layer_groups(deltas):  # as SeftMethod runs it
+            topology_update(group, 0.2, 1, lambda g: opt.seed(g, 1), allreduce=backend.allreduce)
         backend.base_changed(deltas)
 
     step(False), step(True), update()  # warm-up: one-time allocations happen here
