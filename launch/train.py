@@ -24,6 +24,9 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", action="store_true",
                     help="continue the run in --output-dir from its latest checkpoint")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar or per-step lines")
+    ap.add_argument("--start-model", default=None, metavar="DIR",
+                    help="the already pruned model to start from; the run's prune settings still "
+                         "name the pruner LoRA* re-prunes with")
     ap.add_argument("--backend", choices=["local", "zero3", "fsdp"], default=None,
                     help="where the model lives: one process (local), DeepSpeed ZeRO-3 (zero3), "
                          "PyTorch FSDP2 (fsdp). Default: zero3 with --ds_config, else local")
@@ -39,10 +42,14 @@ def main(argv=None) -> int:
         backend_name = args.backend or ("zero3" if args.ds_config else "local")
         if args.ds_config and backend_name != "zero3":
             raise ConfigError(f"--ds_config is for the zero3 backend, not --backend {backend_name}")
+        if args.start_model and not Path(args.start_model, "config.json").is_file():
+            raise ConfigError(f"--start-model: {args.start_model} is not a Hugging Face model folder "
+                              "(no config.json)")
         from seft_scale.backends import make_backend
         from seft_scale.train import train
         backend = make_backend(backend_name, cfg=cfg, ds_config=args.ds_config)
-        train(cfg, args.output_dir, resume=args.resume, backend=backend, progress=not args.no_progress)
+        train(cfg, args.output_dir, resume=args.resume, backend=backend, progress=not args.no_progress,
+              start_model=args.start_model)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
