@@ -28,7 +28,8 @@ of calibration tokens are paged in). The layer counts twice: safetensors maps th
 the pages read stay resident beside the copy that in-place pruning writes. magnitude needs no
 capture and no buffers (N = 0). `predicted_peak` evaluates this; launch/prune.py prints it next
 to the measured peak RSS. Measured on SmolLM2-135M (fp32, 16 windows × 512 tokens, 2 CPU
-cores): magnitude 516.3 MiB measured / 516.0 predicted, wanda 525.5 / 543.3.
+cores): magnitude 516.3 MiB measured / 516.0 predicted, wanda 525.5 / 543.3, sparsegpt
+563.1 / 554.5 (R0 ≈ 410-430 MiB of these).
 """
 from __future__ import annotations
 
