@@ -16,7 +16,7 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.seft_installed" 2>/dev/null)"
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 case "${1:-}" in
-  main) shift; exec "$VENV/bin/python" launch/train.py --config configs/runs/tiny.yaml --output-dir "${1:-out/tiny-$(date +%Y%m%d-%H%M%S)}" ;;
+  main) shift; exec "$VENV/bin/python" launch/train.py --config configs/runs/demo.yaml --output-dir "${1:-out/demo-$(date +%Y%m%d-%H%M%S)}" ;;
   test) shift; exec "$VENV/bin/python" -m pytest -q tests "$@" ;;
   *) echo "usage: bash launch/run.sh {main [OUTPUT_DIR] | test [pytest args]}" >&2; exit 2 ;;
 esac

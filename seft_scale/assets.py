@@ -222,3 +222,19 @@ def shakespeare_texts() -> Path:
         (tmp / "heldout.txt").write_text(held, encoding="utf-8")
 
     return build_atomically(cache_dir() / "shakespeare", build)
+
+
+# ------------------------------------------------------------------------- config references
+
+ASSETS = {
+    "smollm2-135m": lambda: smollm2_135m(),
+    "shakespeare/train": lambda: shakespeare_texts() / "train.txt",
+    "shakespeare/heldout": lambda: shakespeare_texts() / "heldout.txt",
+}
+
+
+def resolve_asset(name: str) -> Path:
+    """The local path of `asset:<name>` in a run config (built and cached on first use)."""
+    if name not in ASSETS:
+        raise AssetError(f"asset:{name} is not an asset; known: {', '.join(sorted(ASSETS))}")
+    return ASSETS[name]()

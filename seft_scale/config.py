@@ -387,7 +387,14 @@ class RunConfig:
 
 
 def _resolve(path: str, base_dir: Optional[Path], key: str) -> str:
-    """Relative paths are tried against the working directory, then the config file's folder."""
+    """Relative paths are tried against the working directory, then the config file's folder;
+    `asset:<name>` is a cached offline asset (seft_scale/assets.py), fetched on first use."""
+    if path.startswith("asset:"):
+        from seft_scale.assets import AssetError, resolve_asset
+        try:
+            return str(resolve_asset(path[len("asset:"):]))
+        except AssetError as e:
+            raise ConfigError(f"{key}: {e}") from None
     p = Path(path).expanduser()
     if not p.is_absolute() and not p.exists() and base_dir is not None and (base_dir / p).exists():
         p = base_dir / p

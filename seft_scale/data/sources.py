@@ -35,6 +35,10 @@ def resolve_source(source: str, fmt: str, base_dir: Optional[Path], key: str) ->
 
     if fmt == "hub":
         return source
+    if source.startswith("asset:"):
+        path = _resolve(source, base_dir, key)
+        detect_format(path, fmt, key)
+        return path
     p = Path(source).expanduser()
     in_base = base_dir is not None and not p.is_absolute() and (base_dir / p).exists()
     local = (p.exists() or in_base or fmt != "auto" or p.is_absolute()
