@@ -41,11 +41,13 @@ def build_input(args) -> tuple[PlanInput, dict]:
         preset = load_preset(args.config)
         shape, seft, fsdp = preset.shape, preset.seft, preset.fsdp
         dtype, micro, seq = "bfloat16", 1, min(2048, shape.max_position_embeddings)
+        checkpointing = False
     else:
         cfg = load_config(args.config, args.overrides, check_paths=False)
         shape, seft, fsdp = read_shape(args.config, preset), cfg.seft, cfg.fsdp
         dtype = "bfloat16" if cfg.model.dtype == "auto" else cfg.model.dtype
         micro, seq = cfg.train.micro_batch_size, cfg.data.seq_len
+        checkpointing = cfg.train.activation_checkpointing
     dtype = DTYPE_NAMES.get(args.dtype, args.dtype) or dtype
     compute = dtype
     if args.backend == "fsdp" and not args.dtype:  # FSDP computes in param_dtype
@@ -62,6 +64,7 @@ def build_input(args) -> tuple[PlanInput, dict]:
                     dtype=dtype, compute_dtype=compute, micro_batch=args.micro_batch or micro,
                     seq_len=args.seq or seq,
                     reshard_after_forward=fsdp.reshard_after_forward, zero=zero,
+                    activation_checkpointing=checkpointing or args.activation_checkpointing,
                     gpus_per_node=args.world_size // nodes)
     return inp, (preset.zero_optimization if preset else {})
 
@@ -83,6 +86,8 @@ def main(argv=None) -> int:
                     help="weights/compute dtype (default: the run's model.dtype; auto = bf16)")
     ap.add_argument("--micro-batch", type=int, help="sequences per rank per forward")
     ap.add_argument("--seq", type=int, help="tokens per sequence")
+    ap.add_argument("--activation-checkpointing", action="store_true",
+                    help="plan with train.activation_checkpointing on")
     ap.add_argument("--write-ds-config", metavar="OUT.json",
                     help="write --ds-config (default configs/ds/zero3.json) with the preset's "
                          "zero_optimization merged in, for launch/train.py --ds_config")

@@ -240,6 +240,10 @@ class TrainConfig:
     """Validation batches for the held-out loss at the end of the run (0 disables)."""
     check_invariants: bool = False
     """Check the exact budget after every step (costly on big models; always on in tests)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward instead of keeping them (HF
+    gradient checkpointing, non-reentrant): activation memory of one layer instead of all, for
+    about one more forward per step. launch/plan.py shows both."""
 
 
 @dataclass

@@ -8,7 +8,8 @@ resident  θ shard (model dtype); SEFT slots: the SparseDelta fields pos, δ, δ
           age (dtypes read off delta.py), K/W per rank, assuming slots spread evenly over the flat
           range; support mask and θ-edit bitmap (bool over the shard each); ZeRO-3's whole
           copies of parameters under the persistence threshold.
-step      Saved activations (HF Llama blocks; no activation checkpointing, as the trainer runs),
+step      Saved activations (HF Llama blocks; with train.activation_checkpointing each layer's input
+          plus one layer recomputed in backward),
           every target's gathered (pos, δ) (each forward keeps them for its backward), weights
           gathered by the sharding backend, and the sparse-delta kernel's scratch. The step's peak
           is the larger of the end of the forward (ZeRO-3 still holds its all-gather buffers) and
@@ -223,6 +224,8 @@ class PlanInput:
     """Tokens per sequence (data.seq_len)."""
     reshard_after_forward: bool = True
     """fsdp.reshard_after_forward."""
+    activation_checkpointing: bool = False
+    """train.activation_checkpointing: keep each layer's input, recompute the layer in backward."""
     zero: dict = field(default_factory=dict)
     """DeepSpeed zero_optimization block (zero3 only)."""
     gpus_per_node: int = 1
@@ -352,9 +355,17 @@ def plan_memory(inp: PlanInput) -> MemoryPlan:
     # input; the final norm keeps its fp32 input; rotary cos/sin are shared by the layers.
     per_layer = 8 * T * H + 8 * T + ec * (4 * T * H + 2 * T * kvd + 4 * T * inter) + 4 * heads * T
     final = 4 * T * H + 4 * T + 2 * L * s.head_dim * ec
-    acts = add("activations", "step", nl * per_layer - (4 * T * H + 4 * T) + final,
-               f"layers·[(8+{4 * ec})·BLH + {4 * ec}·BLI + {2 * ec}·BL·kv_dim + 4·B·heads·L] + "
-               f"final norm; no activation checkpointing (the trainer's), B={B} L={L}")
+    recompute = 0
+    if inp.activation_checkpointing:
+        acts = add("activations", "step", nl * ec * T * H + final,
+                   f"layers·{ec}·BLH (each layer's input, train.activation_checkpointing) + final "
+                   f"norm, B={B} L={L}")
+        recompute = add("recomputed layer (backward)", "step", per_layer,
+                        "one layer's activations, recomputed for its backward")
+    else:
+        acts = add("activations", "step", nl * per_layer - (4 * T * H + 4 * T) + final,
+                   f"layers·[(8+{4 * ec})·BLH + {4 * ec}·BLI + {2 * ec}·BL·kv_dim + 4·B·heads·L] + "
+                   f"final norm; no activation checkpointing, B={B} L={L}")
     acts_fwd = acts - final
     logits = add("logits + loss", "step", (ec + 12) * T * V,
                  f"({ec}+12)·BLV: logits, fp32 log-softmax, its gradient and the logits' gradient")
@@ -401,7 +412,8 @@ def plan_memory(inp: PlanInput) -> MemoryPlan:
     add("sparse-delta kernel scratch", "step", bwd_scratch,
         "dense: one composed θ+S; gather: 3 fp32 [tokens, slots] chunks (≤ 2^24) of the δ-grad")
     step_peak = slots_gathered + max(  # the end of the forward, or the start of the backward
-        acts_fwd + gw_fwd + fwd_scratch, acts + gw_bwd + max(logits, bwd_scratch + mlp_grads, gather_buffer))
+        acts_fwd + gw_fwd + fwd_scratch,
+        acts + gw_bwd + max(logits, recompute + bwd_scratch + mlp_grads, gather_buffer))
 
     # -- selection window
     gacc = add("G accumulator", "window", n_shard * 4, "Σ_targets numel/W · 4 B (fp32)")
@@ -410,7 +422,8 @@ def plan_memory(inp: PlanInput) -> MemoryPlan:
     add("one matrix's dense G", "window", g_one,
         "largest target: G in compute dtype, its fp32 copy, reduce-scatter chunks (W > 1)")
     window_peak = slots_gathered + max(
-        acts_fwd + gw_fwd + dense_compose, acts + gw_bwd + max(logits, g_one + mlp_grads, gather_buffer))
+        acts_fwd + gw_fwd + dense_compose,
+        acts + gw_bwd + max(logits, recompute + g_one + mlp_grads, gather_buffer))
 
     # -- topology update: one decoder layer at a time (SeftMethod.layer_groups), whose grow phase
     # holds every matrix's candidates, scores, positions and keys at once
@@ -451,9 +464,10 @@ def format_plan(plan: MemoryPlan, gpu: Optional[str] = None, gpu_gib: Optional[f
             f"  {'peak of a selection-window step':40s} {plan.window_peak / div:9.3f}",
             f"  {'peak of a topology update':40s} {plan.update_peak / div:9.3f}",
             f"  {'PEAK':40s} {plan.peak / div:9.3f}",
-            f"  with per-layer activation checkpointing (the trainer has none) activations would be "
-            f"{plan.checkpointed_activations / div:.3f} {unit} instead of "
-            f"{plan.get('activations') / div:.3f}"]
+            (f"  train.activation_checkpointing: true would keep activations at "
+             f"{plan.checkpointed_activations / div:.3f} {unit} instead of "
+             f"{plan.get('activations') / div:.3f}" if not i.activation_checkpointing else
+             "  activation checkpointing on")]
     if plan.cpu_bytes_per_rank:
         out.append(f"  host memory for offloaded θ + SEFT state: {plan.cpu_bytes_per_rank / GIB:.2f} "
                    f"GiB per rank, {plan.cpu_bytes_per_rank * i.gpus_per_node / GIB:.1f} GiB per node")

@@ -45,7 +45,7 @@ The repaired model (weights + sparse deltas, exact sparsity, a plain Hugging Fac
 
 # Keys that may differ between a run and its resumption (they do not change the result).
 _RESUME_FREE = {"train.checkpoint_every", "train.log_every", "train.keep_checkpoints",
-                "train.check_invariants", "data.cache_dir"}
+                "train.check_invariants", "train.activation_checkpointing", "data.cache_dir"}
 
 
 def lr_at(step: int, t: TrainConfig) -> float:
@@ -94,6 +94,7 @@ def heldout_loss(backend: Backend, split: TokenSplit, batch_size: int, max_batch
     n = min(len(split), batch_size * max_batches)
     if n == 0:
         return None
+    backend.model.eval()
     total = torch.zeros(2, dtype=torch.float64)
     for first in range(0, n, batch_size * backend.world):
         # every rank runs every round (sharded forwards are collectives); past the end, on a
@@ -193,6 +194,9 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: bool = False,
 
     blocks = build_data(cfg.data, tok)
     method = make_method(cfg, backend, model, targets, tok, nm)
+    if t_cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # from_pretrained returns eval mode; held-out evaluation switches back itself
     total_steps = t_cfg.steps if cfg.method != "none" else 0
 
     step, tokens_seen, elapsed = 0, 0, 0.0

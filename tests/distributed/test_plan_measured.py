@@ -64,7 +64,7 @@ def heap_peak(fn) -> int:
     return Peak.peak - start
 
 
-def measure_worker(rank, world, backend_name, model_dir, dtype="float32", zero=None):
+def measure_worker(rank, world, backend_name, model_dir, dtype="float32", zero=None, checkpointing=False):
     """Build the backend, attach SEFT, then measure resident state and the three phase peaks."""
     from seft_scale.backends import make_backend
     from seft_scale.backends.local import LocalBackend
@@ -80,6 +80,9 @@ def measure_worker(rank, world, backend_name, model_dir, dtype="float32", zero=N
         else make_backend(backend_name, cfg=cfg, ds_config=zero and ds_config(zero))
     model, _ = backend.load_model(cfg.model)
     deltas = attach_seft(backend, model, find_targets(model, cfg.seft.targets), cfg.seft)
+    if checkpointing:  # as train.py does for train.activation_checkpointing
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
     opt = SlotAdamW(1e-3)
     init_slots(deltas, 0, lambda g: opt.seed(g, 0), backend.allreduce)
     gen = torch.Generator().manual_seed(rank)
@@ -138,7 +141,7 @@ def ds_config(zero: dict) -> dict:
     return ds
 
 
-def planned(model_dir, backend, world, dtype="float32", zero=None):
+def planned(model_dir, backend, world, dtype="float32", zero=None, checkpointing=False):
     """The formula's figures for the measured run."""
     import json
     from pathlib import Path
@@ -149,26 +152,31 @@ def planned(model_dir, backend, world, dtype="float32", zero=None):
     return plan_memory(PlanInput(
         shape=shape, seft=SeftConfig(lora_rank=LORA_RANK), world=world, backend=backend,
         dtype=dtype, compute_dtype=dtype, micro_batch=BATCH, seq_len=SEQ,
-        zero=ds_config(zero or {})["zero_optimization"] if backend == "zero3" else {}))
+        zero=ds_config(zero or {})["zero_optimization"] if backend == "zero3" else {},
+        activation_checkpointing=checkpointing))
 
 
-CASES = [("local", 1, "float32", None), ("fsdp", 2, "float32", None), ("fsdp", 3, "float32", None),
-         ("zero3", 2, "float32", {}), ("zero3", 3, "float32", {"stage3_param_persistence_threshold": 0}),
-         ("local", 1, "bfloat16", None)]
+CASES = [("local", 1, "float32", None, False), ("fsdp", 2, "float32", None, False),
+         ("fsdp", 3, "float32", None, False), ("zero3", 2, "float32", {}, False),
+         ("zero3", 3, "float32", {"stage3_param_persistence_threshold": 0}, False),
+         ("local", 1, "bfloat16", None, False), ("local", 1, "float32", None, True),
+         ("fsdp", 2, "float32", None, True)]
 
 
-@pytest.mark.parametrize("backend,world,dtype,zero", CASES,
-                         ids=[f"{b}-W{w}-{d}{'-persist0' if z else ''}" for b, w, d, z in CASES])
-def test_formula_within_10_percent_of_measured(model_dir, backend, world, dtype, zero):
+@pytest.mark.parametrize("backend,world,dtype,zero,checkpointing", CASES,
+                         ids=[f"{b}-W{w}-{d}{'-persist0' if z else ''}{'-ckpt' if c else ''}"
+                              for b, w, d, z, c in CASES])
+def test_formula_within_10_percent_of_measured(model_dir, backend, world, dtype, zero, checkpointing):
     """Every rank, every figure: the plan (worst rank) within 10 % of what the rank holds."""
-    plan = planned(model_dir, backend, world, dtype, zero)
+    plan = planned(model_dir, backend, world, dtype, zero, checkpointing)
     resident = plan.resident  # the phases are measured above what the rank holds before them
     want = {"theta": plan.get("θ shard"), "persistent": plan.get("ZeRO-3 persistent params"),
             "seft": plan.get("SEFT slots + optimizer") + plan.get("support mask + θ-edit bitmap"),
             "step": plan.step_peak - resident, "window": plan.window_peak - resident,
             "grad_acc": plan.get("G accumulator"),
             "update": plan.update_peak - resident - plan.get("G accumulator")}
-    for rank, got in enumerate(harness.run_world(measure_worker, world, backend, model_dir, dtype, zero)):
+    for rank, got in enumerate(harness.run_world(measure_worker, world, backend, model_dir, dtype, zero,
+                                                           checkpointing)):
         got["seft"] = got["slots"] + got["mask"]
         print(f"{backend} W={world} {dtype} rank {rank}: " + ", ".join(
             f"{k} {got[k] / 1e6:.2f}/{v / 1e6:.2f} MB" for k, v in want.items()))

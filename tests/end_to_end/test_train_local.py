@@ -149,3 +149,11 @@ def test_export_from_a_checkpoint_matches_the_run_export(tiny_yaml, tmp_path):
                           "--checkpoint", str(tmp_path / "r" / "checkpoints" / "step_00000012"),
                           "--out", str(tmp_path / "again")], capture_output=True, text=True)
     assert res.returncode == 2 and "--out" in res.stderr
+
+
+def test_activation_checkpointing_changes_memory_not_results(tiny_yaml, tmp_path):
+    run(tiny_yaml, tmp_path / "plain")
+    run(tiny_yaml, tmp_path / "ckpt", "train.activation_checkpointing=true")
+    a = load_file(str(tmp_path / "plain" / "export" / "model.safetensors"))
+    b = load_file(str(tmp_path / "ckpt" / "export" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
