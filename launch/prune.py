@@ -32,7 +32,8 @@ def parse_args(argv):
     ap.add_argument("--pattern", help="unstructured (default) or N:M, e.g. 2:4")
     ap.add_argument("--granularity", choices=["row", "matrix"],
                     help="unstructured comparison group (default row, as Wanda)")
-    ap.add_argument("--calib-data", dest="calib_data", help="calibration text (.txt) for wanda/sparsegpt")
+    ap.add_argument("--calib-data", dest="calib_data", help="calibration data for wanda/sparsegpt: a .txt / .json(l) / .parquet / "
+                         ".csv file with a text column, a folder of .txt, or a dataset name")
     ap.add_argument("--nsamples", type=int, help="calibration windows (default 128)")
     ap.add_argument("--seqlen", type=int, help="tokens per window (default 2048)")
     ap.add_argument("--seed", type=int, help="seed of the window offsets (default 0)")

@@ -77,8 +77,9 @@ class PruneConfig:
     granularity: Literal["row", "matrix"] = "row"
     """Unstructured comparison groups: each output row (Wanda's choice) or the whole matrix."""
     calib_data: Optional[str] = None
-    """Calibration text for wanda / sparsegpt: a local UTF-8 .txt file, tokenised with the
-    model's tokenizer and cut into `nsamples` random windows of `seqlen` tokens."""
+    """Calibration data for wanda / sparsegpt: a .txt file, or any text source data.train takes
+    (.json/.jsonl/.parquet/.csv with a `text` column, a folder of .txt, a dataset name),
+    tokenised with the model's tokenizer and cut into `nsamples` random windows of `seqlen` tokens."""
     nsamples: int = 128
     """Calibration windows (128 in the Wanda and SparseGPT papers)."""
     seqlen: int = 2048
@@ -109,9 +110,8 @@ class PruneConfig:
             if not self.calib_data:
                 raise ConfigError(f"prune.calib_data: method {self.method} needs calibration text "
                                   "(path of a .txt file)")
-            self.calib_data = _resolve(self.calib_data, base_dir, "prune.calib_data")
-            if not Path(self.calib_data).is_file():
-                raise ConfigError(f"prune.calib_data: {self.calib_data} is not a file")
+            from seft_scale.data.sources import resolve_source
+            self.calib_data = resolve_source(self.calib_data, "auto", base_dir, "prune.calib_data")
         return self
 
 

@@ -9,15 +9,21 @@ import torch
 from seft_scale.config import ConfigError
 
 
-def read_calibration_text(path: str | Path) -> str:
-    """The UTF-8 text of a local .txt file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"prune.calib_data (--calib-data): {path} does not exist")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"prune.calib_data (--calib-data): {path} is not UTF-8 text ({e})") from None
+def read_calibration_text(source: str | Path, max_chars: int = 64 << 20) -> str:
+    """Calibration text: a local .txt file as it is, or the documents of any source the data layer
+    reads (.json/.jsonl(.gz)/.parquet/.csv with a `text` column, a folder of .txt files, a Hugging
+    Face dataset name such as allenai/c4 when a hub is reachable), joined, up to max_chars."""
+    path = Path(source)
+    if path.is_file() and path.suffix == ".txt":
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"prune.calib_data (--calib-data): {path} is not UTF-8 text ({e})") from None
+    from seft_scale.config import DataConfig
+    from seft_scale.data import tokenizer_training_text
+    from seft_scale.data.sources import resolve_source
+    src = resolve_source(str(source), "auto", None, "prune.calib_data (--calib-data)")
+    return tokenizer_training_text(DataConfig(train=src, kind="text"), max_chars=max_chars)
 
 
 def tokenize(text: str, tokenizer, chunk_chars: int = 1 << 16) -> torch.Tensor:

@@ -278,3 +278,16 @@ def test_cli_flag_errors(tiny, tmp_path, capsys):
     assert cli.main(base + ["--sparsity", "0.5"]) == 2
     assert "--method: required" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_calibration_text_from_any_data_source(tmp_path):
+    """--calib-data takes what data.train takes: a jsonl of {"text": ...} gives its documents."""
+    import json as _json
+    from seft_scale.prune.calibration import read_calibration_text
+    docs = ["First calibration document.", "Second one, longer than the first."]
+    f = tmp_path / "calib.jsonl"
+    f.write_text("".join(_json.dumps({"text": d}) + "\n" for d in docs))
+    text = read_calibration_text(str(f))
+    assert all(d in text for d in docs)
+    with pytest.raises(ConfigError, match="calib_data"):
+        read_calibration_text(str(tmp_path / "missing.jsonl"))
