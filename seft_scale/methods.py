@@ -160,8 +160,9 @@ class SeftMethod:
 
 
 class _TorchOptimMethod:
-    """Shared by the baselines: one process, torch AdamW over a list of named parameters, the
-    start model's support masks, and checkpoints of parameters + optimizer state."""
+    """Shared by the baselines: one process, torch AdamW over the named parameters each baseline's
+    `build()` makes trainable, the start model's support masks, and checkpoints of parameters +
+    optimizer state."""
 
     name = ""
     merge_changes_function = False
@@ -181,10 +182,7 @@ class _TorchOptimMethod:
         self.params = self.build()  # [(name, parameter)], trainable
         t = cfg.train
         self.opt = torch.optim.AdamW([p for _, p in self.params], lr=t.lr, betas=(t.beta1, t.beta2),
-                                     eps=t.eps, weight_decay=t.weight_decay)
-
-    def build(self) -> list[tuple[str, nn.Parameter]]:
-        raise NotImplementedError  # each baseline says what it trains
+                                     eps=t.eps, weight_decay=t.weight_decay) if self.params else None
 
     def init_state(self) -> None:
         pass
@@ -359,19 +357,6 @@ class NoRepair(_TorchOptimMethod):
 
     def build(self):
         return []
-
-    def __init__(self, *args, **kwargs):
-        self.opt = None
-        cfg, backend, model, targets = args[:4]
-        if backend.world != 1 or type(backend).__name__ != "LocalBackend":
-            raise ConfigError("method: none runs on one process (--backend local)")
-        self.cfg, self.backend, self.model, self.nm = cfg, backend, model, args[5]
-        self.targets = list(targets)
-        self.masks = {name: lin.weight.detach() != 0 for name, lin in self.targets}
-        self.budgets = {name: int(m.sum()) for name, m in self.masks.items()}
-        self.numel = sum(m.numel() for m in self.masks.values())
-        self.params = []
-        backend.model = model
 
     def merge(self, model, start_dir, nm) -> dict:
         return self.report(model, start_dir, nm)
