@@ -100,12 +100,18 @@ def export_run(model, tokenizer, per_matrix: dict, backend, export_dir: Path,
         (export_dir / "seft_report.json").write_text(report)
         if report_path is not None:
             report_path.write_text(report)
-        sp = summary["sparsity"]
-        loss = summary.get("final_loss")
-        ppl = summary.get("val_ppl")
-        print(f"done: loss {'-' if loss is None else f'{loss:.4f}'}, held-out ppl "
-              f"{'-' if ppl is None else f'{ppl:.3f}'}, sparsity {sp['sparsity']:.4f} "
-              f"(budget exact: {sp['exact_budget']}); wrote {export_dir}")
+        sp, loss, ppl = summary["sparsity"], summary.get("final_loss"), summary.get("val_ppl")
+        parts = ([f"loss {loss:.4f}"] if loss is not None else []) + \
+            ([f"held-out ppl {ppl:.3f}"] if ppl is not None else []) + \
+            [f"sparsity {sp['sparsity']:.4f} (budget exact: {sp['exact_budget']})"]
+        print(f"done: {', '.join(parts)}; wrote {export_dir}")
+        stages = {k: v["perplexity"] for k, v in summary.get("eval", {}).items() if "perplexity" in v}
+        if stages:
+            any_ppl = next(iter(stages.values()))
+            print(f"held-out perplexity (seqlen {any_ppl['seqlen']}, {any_ppl['windows']} windows):")
+            for stage, p in stages.items():
+                sparsity = summary["eval"][stage]["sparsity"]["summary"]["sparsity"]
+                print(f"  {stage:9s} {p['ppl']:10.3f}   sparsity {sparsity:.4f}")
     return summary
 
 

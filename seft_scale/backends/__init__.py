@@ -61,6 +61,24 @@ class Backend(Protocol):
         model in `start_dir` (non-target weights never change)."""
 
 
+def set_grad_capture(modules: dict, deltas: Sequence[SparseDelta], on: bool,
+                     to_shard: Callable[[SparseDelta, torch.Tensor], torch.Tensor]) -> None:
+    """The selection-window hook every backend installs: while on, each backward of a target adds
+    `to_shard(d, G)` — its dense weight gradient, summed over ranks, over this rank's shard — into
+    d.grad_acc (fp32, allocated at the window's first step)."""
+    for d in deltas:
+        mod = modules[d.name]
+        if not on:
+            mod.seft_dense_grad_hook = None
+            continue
+        if d.grad_acc is None:
+            d.grad_acc = torch.zeros(d.length, dtype=torch.float32, device=d.base.device)
+
+        def hook(G: torch.Tensor, d: SparseDelta = d) -> None:
+            d.grad_acc.add_(to_shard(d, G).to(d.grad_acc.device, torch.float32))
+        mod.seft_dense_grad_hook = hook
+
+
 def make_backend(name: str, cfg=None, ds_config: Optional[str] = None) -> Backend:
     """The backend for launch/train.py --backend NAME (cfg: the RunConfig)."""
     if name == "local":

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from seft_scale.backends import set_grad_capture
 from seft_scale.backends.dist import (gather_slots, init_distributed, make_allreduce, peer_guard,
                                       reduce_scatter_flat)
 from seft_scale.config import ConfigError, FSDPConfig, ModelConfig
@@ -150,20 +151,10 @@ class FSDPBackend:
             dist.barrier()
 
     def set_dense_grad_capture(self, deltas: Sequence[SparseDelta], on: bool) -> None:
+        # every rank holds its micro-batch's full G for one matrix at a time: sum it into rows
         reduce_dtype = _DTYPES[self.cfg.reduce_dtype]
-        for d in deltas:
-            mod = self._modules[d.name]
-            if not on:
-                mod.seft_dense_grad_hook = None
-                continue
-            if d.grad_acc is None:
-                d.grad_acc = torch.zeros(d.length, dtype=torch.float32, device=d.base.device)
-
-            def hook(G: torch.Tensor, d: SparseDelta = d) -> None:
-                # every rank holds its micro-batch's full G for this one matrix: sum it into rows
-                rows = reduce_scatter_flat(G.to(reduce_dtype), self._bounds[d.name])
-                d.grad_acc.add_(rows.float())
-            mod.seft_dense_grad_hook = hook
+        set_grad_capture(self._modules, deltas, on, lambda d, G: reduce_scatter_flat(
+            G.to(reduce_dtype), self._bounds[d.name]))
 
     def forward_backward(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
         with peer_guard(self.rank, "a forward/backward pass"):

@@ -6,6 +6,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from seft_scale.backends import set_grad_capture
 from seft_scale.delta import SparseDelta, SparseDeltaLinear
 
 
@@ -43,17 +44,7 @@ class LocalBackend:
         return model
 
     def set_dense_grad_capture(self, deltas: Sequence[SparseDelta], on: bool) -> None:
-        for d in deltas:
-            mod = self._modules[d.name]
-            if not on:
-                mod.seft_dense_grad_hook = None
-                continue
-            if d.grad_acc is None:
-                d.grad_acc = torch.zeros(d.length, dtype=torch.float32, device=d.base.device)
-
-            def hook(G: torch.Tensor, d: SparseDelta = d) -> None:
-                d.grad_acc.add_(G.reshape(-1).to(torch.float32))
-            mod.seft_dense_grad_hook = hook
+        set_grad_capture(self._modules, deltas, on, lambda d, G: G.reshape(-1))
 
     def forward_backward(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
         out = self.model(**batch)

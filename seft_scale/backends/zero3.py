@@ -82,6 +82,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from seft_scale.backends import set_grad_capture
 from seft_scale.backends.dist import (gather_slots, init_distributed, make_allreduce, peer_guard,
                                       reduce_scatter_flat)
 from seft_scale.config import ConfigError, ModelConfig, RunConfig
@@ -337,18 +338,8 @@ class Zero3Backend:
         return gather_slots(d.pos.to(self.comm_device), d.values.to(self.comm_device))
 
     def set_dense_grad_capture(self, deltas: Sequence[SparseDelta], on: bool) -> None:
-        for d in deltas:
-            mod = self._modules[d.name]
-            if not on:
-                mod.seft_dense_grad_hook = None
-                continue
-            if d.grad_acc is None:
-                d.grad_acc = torch.zeros(d.length, dtype=torch.float32, device=d.base.device)
-
-            def hook(G: torch.Tensor, d: SparseDelta = d) -> None:
-                part = reduce_scatter_flat(G.to(self.comm_device, torch.float32), self._bounds[d.name])
-                d.grad_acc.add_(part.to(d.grad_acc.device))
-            mod.seft_dense_grad_hook = hook
+        set_grad_capture(self._modules, deltas, on, lambda d, G: reduce_scatter_flat(
+            G.to(self.comm_device, torch.float32), self._bounds[d.name]))
 
     def forward_backward(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
         with peer_guard(self.rank, "a forward/backward"):
