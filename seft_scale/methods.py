@@ -126,7 +126,6 @@ class SeftMethod:
 
     def after_backward(self, step: int, lr: float) -> dict:
         s, t, backend = self.cfg.seft, self.cfg.train, self.backend
-        backend.reduce_slot_grads(self.deltas)
         rec = {"grad_norm": clip_slot_grads(self.deltas, t.max_grad_norm, backend.allreduce),
                "dropped": 0, "grown": 0, "reactivated": 0, "adapt_pruned": 0}
         self.opt.step(self.deltas, lr)

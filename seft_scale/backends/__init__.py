@@ -32,7 +32,9 @@ class Backend(Protocol):
     def attach(self, model: nn.Module, targets: Sequence[tuple[str, nn.Linear]],
                kernel_for: Callable[[tuple[int, int]], str]) -> list[SparseDelta]:
         """Make the SparseDelta of each target's local shard (mask = θ != 0, no slots yet,
-        budget/capacity filled in by the trainer) and route the delta into the forward."""
+        budget/capacity filled in by the trainer) and route the delta into the forward. The slot
+        source's backward must leave each slot's δ-gradient, summed over ranks, on its owner
+        (dist.gather_slots does), so the optimizer needs no separate reduction."""
 
     def set_dense_grad_capture(self, deltas: Sequence[SparseDelta], on: bool) -> None:
         """While on, every backward adds the dense weight gradient of each target into
@@ -40,9 +42,6 @@ class Backend(Protocol):
 
     def forward_backward(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
         """Run the model on a micro-batch, backpropagate loss·scale; return the unscaled loss."""
-
-    def reduce_slot_grads(self, deltas: Sequence[SparseDelta]) -> None:
-        """After the last micro-batch of a step: δ-gradients summed over ranks, held by owners."""
 
     def base_changed(self, deltas: Sequence[SparseDelta]) -> None:
         """θ shards were edited in place (merge, adapt, resume): propagate to any other copy."""

@@ -162,9 +162,6 @@ class FSDPBackend:
             (out.loss * scale).backward()
         return out.loss.detach()
 
-    def reduce_slot_grads(self, deltas: Sequence[SparseDelta]) -> None:
-        pass  # gather_slots' backward already summed every micro-batch's δ-grads into the owners
-
     def base_changed(self, deltas: Sequence[SparseDelta]) -> None:
         # drop gathered copies older than the edit (an eval forward with reshard_after_forward
         # False leaves them), then make sure the edits went into the storage FSDP gathers from

@@ -51,9 +51,6 @@ class LocalBackend:
         (out.loss * scale).backward()
         return out.loss.detach()
 
-    def reduce_slot_grads(self, deltas: Sequence[SparseDelta]) -> None:
-        pass  # every slot's gradient is already complete on the only rank
-
     def base_changed(self, deltas: Sequence[SparseDelta]) -> None:
         pass  # the shard is a view of the weight itself
 

@@ -347,9 +347,6 @@ class Zero3Backend:
             (out.loss * scale).backward()
         return out.loss.detach()
 
-    def reduce_slot_grads(self, deltas: Sequence[SparseDelta]) -> None:
-        pass  # gather_slots' backward already summed every rank's δ-gradients onto the owners
-
     @torch.no_grad()
     def base_changed(self, deltas: Sequence[SparseDelta]) -> None:
         from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus

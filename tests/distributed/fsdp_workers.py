@@ -117,7 +117,6 @@ def topology_worker(rank, world, model_dir, global_batch):
     ids = global_batch[rank * per:(rank + 1) * per]
     backend.set_dense_grad_capture(deltas, True)
     backend.forward_backward({"input_ids": ids, "labels": ids}, 1.0 / world)
-    backend.reduce_slot_grads(deltas)
     backend.set_dense_grad_capture(deltas, False)
     out["G"] = {d.name: _full(d.grad_acc) for d in deltas}
     out["dgrad"] = {d.name: (_full(d.pos), _full(d.values.grad)) for d in deltas}

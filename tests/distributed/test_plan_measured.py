@@ -92,7 +92,6 @@ def measure_worker(rank, world, backend_name, model_dir, dtype="float32", zero=N
     def step(window: bool):
         backend.set_dense_grad_capture(deltas, window)
         backend.forward_backward(batch, 1.0 / world)
-        backend.reduce_slot_grads(deltas)
         opt.step(deltas)
 
     def update():
