@@ -59,11 +59,14 @@ def peer_guard(rank: int, what: str) -> Iterator[None]:
 
 
 def make_allreduce(group=None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Sum over ranks (on the backend's communication device); a failure is a PeerFailure."""
+    rank = dist.get_rank()
+
     def allreduce(t: torch.Tensor) -> torch.Tensor:
-        dev = _comm_device()
-        out = t.to(dev).contiguous()
-        dist.all_reduce(out, group=group)
-        return out.to(t.device)
+        with peer_guard(rank, "an all-reduce of the trainer or selector"):
+            out = t.to(_comm_device()).contiguous()
+            dist.all_reduce(out, group=group)
+            return out.to(t.device)
     return allreduce
 
 

@@ -52,12 +52,7 @@ class FSDPBackend:
         self.rank, self.world, local_rank = init_distributed()
         self.device = torch.device("cuda", local_rank) if torch.cuda.is_available() \
             else torch.device("cpu")
-        reduce = make_allreduce()
-
-        def allreduce(t: torch.Tensor) -> torch.Tensor:
-            with peer_guard(self.rank, "an all-reduce of the trainer or selector"):
-                return reduce(t)
-        self.allreduce = allreduce
+        self.allreduce = make_allreduce()
         self.model: Optional[nn.Module] = None
         self._model_cfg: Optional[ModelConfig] = None
         self._modules: dict[str, SparseDeltaLinear] = {}

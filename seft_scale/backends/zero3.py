@@ -217,12 +217,7 @@ class Zero3Backend:
         self.device = _compute_device()
         self.comm_device = torch.device("cuda", torch.cuda.current_device()) \
             if dist.get_backend() == "nccl" else torch.device("cpu")
-        reduce = make_allreduce()
-
-        def allreduce(t: torch.Tensor) -> torch.Tensor:
-            with peer_guard(self.rank, "an all-reduce of the trainer or selector"):
-                return reduce(t)
-        self.allreduce = allreduce
+        self.allreduce = make_allreduce()
         self.model: Optional[nn.Module] = None
         self.engine = None
         self._model_cfg: Optional[ModelConfig] = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from seft_scale.sparsity.nm import parse_pattern
+from seft_scale.sparsity.nm import nm_for
 
 
 def pruned_count(numel: int, sparsity: float) -> int:
@@ -29,11 +29,9 @@ def keep_mask(scores: torch.Tensor, sparsity: float, pattern: str = "unstructure
     consecutive inputs (`sparsity` is then implied by the pattern and ignored)."""
     scores = scores.to(torch.float32)
     d_out, d_in = scores.shape
-    nm = parse_pattern(pattern)
+    nm = nm_for(pattern, d_in)
     if nm is not None:
         n, m = nm
-        if d_in % m:
-            raise ValueError(f"N:M pattern {pattern} needs d_in ({d_in}) divisible by {m}")
         return keep_top(scores.reshape(d_out, d_in // m, m), n).reshape(d_out, d_in)
     if granularity == "row":
         return keep_top(scores, d_in - pruned_count(d_in, sparsity))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from seft_scale.prune.masks import keep_top, pruned_count
-from seft_scale.sparsity.nm import parse_pattern
+from seft_scale.sparsity.nm import nm_for
 
 
 class Hessian:
@@ -58,11 +58,9 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
         raise ValueError(f"granularity must be 'row' or 'matrix', got {granularity!r}")
     w = weight.detach().float().clone()
     d_out, d_in = w.shape
-    nm = parse_pattern(pattern)
+    nm = nm_for(pattern, d_in)
     if nm is not None:
         n_keep, m = nm
-        if d_in % m:
-            raise ValueError(f"N:M pattern {pattern} needs d_in ({d_in}) divisible by {m}")
         block_size = max(m, block_size - block_size % m)
     h = hessian.to(torch.float32, copy=True)
     dead = h.diagonal() == 0  # inputs that were always zero: their weights cannot matter

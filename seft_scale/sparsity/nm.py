@@ -17,6 +17,14 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     return n, m
 
 
+def nm_for(pattern: str, d_in: int) -> tuple[int, int] | None:
+    """parse_pattern, plus the check that d_in splits into groups of M."""
+    nm = parse_pattern(pattern)
+    if nm is not None and d_in % nm[1]:
+        raise ValueError(f"N:M pattern {pattern} needs d_in ({d_in}) divisible by {nm[1]}")
+    return nm
+
+
 def nm_group_counts(matrix: torch.Tensor, m: int) -> torch.Tensor:
     """Nonzeros per group of m consecutive columns of a [d_out, d_in] matrix (or bool mask)."""
     d_out, d_in = matrix.shape
