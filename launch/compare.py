@@ -1,50 +1,9 @@
 #!/usr/bin/env python
-"""Compare repair methods on the same pruned model, data, token count and trainable budget.
-
-    python launch/compare.py --config configs/runs/tiny.yaml --output-dir out/compare \\
-        [--methods none,static,lora_star,sqft,seft] [--lr seft=2e-3,lora_star=5e-4,...] [key=value ...]
-
-The start model is pruned once (DIR/pruned, by the config's prune section); each method then runs
-as its own `launch/train.py --start-model DIR/pruned` process into DIR/<method>, on one process
-(--backend local). LoRA-based methods use baseline.lora_rank (default seft.lora_rank), so their
-r·(d_in+d_out) trainable values per matrix equal SEFT's K; static trains every nonzero.
-
-Learning rates (--lr method=value,...), defaults: static 5e-5, lora_star 5e-4, sqft 5e-4, seft the
-config's train.lr (after key=value overrides).
-
-Prints one table (held-out perplexity, exact sparsity, wall time, peak RSS per method) and writes
-DIR/compare.json, DIR/compare.png and DIR/logs/<method>.{out,err}. A method that fails is shown
-with the last line of its stderr; the others still run; the exit status is 1 if any failed.
-"""
-import argparse
+"""`seft-compare` as a script (for launchers that take a file: deepspeed, torchrun, srun).
+Usage and options: `python launch/compare.py --help`; the code is seft_scale/cli/compare.py."""
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from seft_scale.compare import DEFAULT_METHODS, compare, parse_lrs, parse_methods  # noqa: E402
-from seft_scale.config import ConfigError  # noqa: E402
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="run config YAML (see configs/runs/)")
-    ap.add_argument("--output-dir", required=True, help="new (or empty) folder for every run's output")
-    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                    help=f"comma-separated, run in this order (default {','.join(DEFAULT_METHODS)})")
-    ap.add_argument("--lr", default=None, metavar="METHOD=LR,...",
-                    help="peak learning rate per method, e.g. seft=2e-3,static=5e-5")
-    ap.add_argument("overrides", nargs="*", metavar="key=value",
-                    help="config overrides for every run, e.g. train.steps=20 seft.lora_rank=8")
-    args = ap.parse_args(argv)
-    try:
-        result = compare(args.config, args.output_dir, parse_methods(args.methods), parse_lrs(args.lr),
-                         args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return int(any(r["status"] != "ok" for r in result["rows"]))
-
+from seft_scale.cli.compare import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,39 +1,9 @@
 #!/usr/bin/env python
-"""Export a run (finished or not) from a checkpoint as a plain Hugging Face folder.
-
-    python launch/export.py --run out/my_run [--checkpoint out/my_run/checkpoints/step_00000400]
-                            [--out out/my_run/export_step400]
-
-Reads the run's config.yaml, its starting sparse model (<run>/pruned, or the model.path it was
-given) and the checkpoint's per-rank SEFT state — written by any backend at any world size — on
-one process, merges W = θ + S and writes the HF folder plus report.json (per-matrix budget, nnz,
-reactivated positions). This is also the way to get the repaired weights out of a ZeRO-3 or FSDP2
-checkpoint folder: DeepSpeed's zero_to_fp32.py only sees engine parameters, not the sparse delta.
-"""
-import argparse
+"""`seft-export` as a script (for launchers that take a file: deepspeed, torchrun, srun).
+Usage and options: `python launch/export.py --help`; the code is seft_scale/cli/export.py."""
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from seft_scale.config import ConfigError  # noqa: E402
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", required=True, help="the run's --output-dir")
-    ap.add_argument("--checkpoint", default=None, help="a checkpoint folder (default: the latest)")
-    ap.add_argument("--out", default=None, help="where to write (default: <run>/export); must not exist")
-    args = ap.parse_args(argv)
-    try:
-        from seft_scale.export import export_checkpoint
-        export_checkpoint(Path(args.run), Path(args.checkpoint) if args.checkpoint else None,
-                          Path(args.out) if args.out else None)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
+from seft_scale.cli.export import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,60 +1,9 @@
 #!/usr/bin/env python
-"""Repair a pruned causal LM with SEFT.
-
-    python launch/train.py --config configs/runs/tiny.yaml --output-dir out/tiny [key=value ...]
-    deepspeed --num_gpus N launch/train.py --ds_config configs/ds/zero3.json --config ... --output-dir ...
-    torchrun --nproc_per_node N launch/train.py --backend fsdp --config ... --output-dir ...
-
-Writes <output-dir>/{config.yaml, pruned/ (when the run prunes or builds the model), metrics.jsonl,
-checkpoints/, export/ (plain HF folder), report.json}.
-"""
-import argparse
+"""`seft-train` as a script (for launchers that take a file: deepspeed, torchrun, srun).
+Usage and options: `python launch/train.py --help`; the code is seft_scale/cli/train.py."""
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from seft_scale.config import ConfigError, load_config  # noqa: E402
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="run config YAML (see configs/runs/)")
-    ap.add_argument("--output-dir", required=True, help="folder for everything the run writes")
-    ap.add_argument("--resume", action="store_true",
-                    help="continue the run in --output-dir from its latest checkpoint")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar or per-step lines")
-    ap.add_argument("--start-model", default=None, metavar="DIR",
-                    help="the already pruned model to start from; the run's prune settings still "
-                         "name the pruner LoRA* re-prunes with")
-    ap.add_argument("--backend", choices=["local", "zero3", "fsdp"], default=None,
-                    help="where the model lives: one process (local), DeepSpeed ZeRO-3 (zero3), "
-                         "PyTorch FSDP2 (fsdp). Default: zero3 with --ds_config, else local")
-    ap.add_argument("--ds_config", "--deepspeed_config", dest="ds_config", default=None,
-                    help="DeepSpeed JSON config (ZeRO stage 3), e.g. configs/ds/zero3.json")
-    ap.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                    help=argparse.SUPPRESS)  # added by the deepspeed launcher; LOCAL_RANK is used
-    ap.add_argument("overrides", nargs="*", metavar="key=value",
-                    help="config overrides, e.g. train.steps=100 seft.lora_rank=16")
-    args = ap.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        backend_name = args.backend or ("zero3" if args.ds_config else "local")
-        if args.ds_config and backend_name != "zero3":
-            raise ConfigError(f"--ds_config is for the zero3 backend, not --backend {backend_name}")
-        if args.start_model and not Path(args.start_model, "config.json").is_file():
-            raise ConfigError(f"--start-model: {args.start_model} is not a Hugging Face model folder "
-                              "(no config.json)")
-        from seft_scale.backends import make_backend
-        from seft_scale.train import train
-        backend = make_backend(backend_name, cfg=cfg, ds_config=args.ds_config)
-        train(cfg, args.output_dir, resume=args.resume, backend=backend, progress=not args.no_progress,
-              start_model=args.start_model)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
+from seft_scale.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

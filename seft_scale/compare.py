@@ -1,8 +1,8 @@
 """Compare repair methods on one pruned model (behind launch/compare.py).
 
-The starting model is built and pruned once, by the run config's model and prune sections through
-the training entry's own helpers (load_model -> prune_model -> save_model), into DIR/pruned. Each
-method then runs as its own `launch/train.py --start-model DIR/pruned` process into DIR/<method>:
+The starting model is built and pruned once, by the run config's model and prune sections, the
+way a run builds it (run.build_start), into DIR/pruned. Each method then runs as its own
+`python -m seft_scale.cli.train --start-model DIR/pruned` process into DIR/<method>:
 the same starting weights, data, steps and batch (so the same tokens), and for lora_star, sqft and
 seft the same trainable budget (LoRA rank r <-> SEFT K = r·(d_in + d_out), methods.trainable_count;
 static trains every nonzero of the targets). Only the learning rate is per method (DEFAULT_LRS).
@@ -32,7 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from seft_scale.config import ConfigError, RunConfig, load_config
+from seft_scale.backends import LocalBackend
+from seft_scale.config import RunConfig, load_config
+from seft_scale.data import tokenizer_training_text
+from seft_scale.errors import ConfigError
+from seft_scale.evaluate import folder_matrices
+from seft_scale.methods import trainable_count
+from seft_scale.run import build_start as build_run_start
 
 METHODS = typing.get_args(typing.get_type_hints(RunConfig)["method"])
 DEFAULT_METHODS = ("none", "static", "lora_star", "sqft", "seft")
@@ -41,7 +47,7 @@ DEFAULT_METHODS = ("none", "static", "lora_star", "sqft", "seft")
 # is usual); SEFT's δ is a free per-position offset (~1e-3 in the paper), and the run configs'
 # train.lr is tuned for it, so seft keeps the config's train.lr (None).
 DEFAULT_LRS: dict[str, Optional[float]] = {"static": 5e-5, "lora_star": 5e-4, "sqft": 5e-4, "seft": None}
-TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "launch" / "train.py"
+TRAIN = [sys.executable, "-m", "seft_scale.cli.train"]
 MiB = 1 << 20
 
 
@@ -115,22 +121,13 @@ def check_output_dir(out: Path) -> None:
 
 
 def build_start(cfg: RunConfig, out: Path) -> dict:
-    """The starting model of every method: built and pruned the way launch/train.py does it, saved
-    as out/pruned; or the config's model.path itself when it comes pruned (prune.method none)."""
+    """The starting model of every method: built and pruned the way a run builds it, saved as
+    out/pruned; or the config's model.path itself when it comes pruned (prune.method none)."""
     if cfg.prune.method == "none" and cfg.model.path:
         return {"path": cfg.model.path, "pruned_by": "none (model.path comes pruned)"}
-    from seft_scale.backends.local import LocalBackend
-    from seft_scale.data import tokenizer_training_text
-    from seft_scale.model import find_targets, save_model
-    from seft_scale.prune import prune_model
-    from seft_scale.train import stage_eval
-
-    t0, backend = time.perf_counter(), LocalBackend()
-    model, tok = backend.load_model(cfg.model, train_text=tokenizer_training_text(cfg.data))
-    dense = stage_eval(model, tok, cfg, "dense", None)  # None unless eval.stages asks for it
-    if cfg.prune.method != "none":
-        prune_model(model, tok, find_targets(model, cfg.seft.targets), cfg.prune, backend.device)
-    save_model(model, tok, out / "pruned")
+    t0, evals = time.perf_counter(), {}
+    build_run_start(cfg, LocalBackend(), out / "pruned", tokenizer_training_text(cfg.data), evals)
+    dense = evals.get("dense")  # None unless eval.stages asks for it
     return {"path": str(out / "pruned"), "pruned_by": f"{cfg.prune.method} {cfg.prune.pattern} "
             f"sparsity {cfg.prune.sparsity}", "time_s": round(time.perf_counter() - t0, 3),
             "dense_ppl": dense["perplexity"]["ppl"] if dense and "perplexity" in dense else None}
@@ -147,9 +144,9 @@ def folder_sha256(folder: str | Path) -> str:
 
 
 def run_method(run: MethodRun, config: str, start: str, out: Path) -> dict:
-    """launch/train.py for one method in its own process; stdout is echoed with a [method] prefix
+    """The trainer for one method in its own process; stdout is echoed with a [method] prefix
     and kept in out/logs/<method>.out, stderr in out/logs/<method>.err."""
-    cmd = [sys.executable, str(TRAIN_SCRIPT), "--config", config, "--output-dir", str(out / run.method),
+    cmd = [*TRAIN, "--config", config, "--output-dir", str(out / run.method),
            "--start-model", start, *run.overrides]
     env = dict(os.environ, PYTHONUNBUFFERED="1")  # echo step lines as they come
     t0 = time.perf_counter()
@@ -285,8 +282,6 @@ def compare(config: str, output_dir: str | Path, methods: list[str], lrs: dict[s
     start["sha256"] = folder_sha256(start["path"])
     start["builder_peak_rss_mib"] = maxrss_mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
-    from seft_scale.evaluate import folder_matrices
-    from seft_scale.methods import trainable_count
     matrices = [(tuple(w.shape), int((w != 0).sum()))
                 for _, w in folder_matrices(start["path"], base.seft.targets)]
     for run in runs:

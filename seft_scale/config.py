@@ -16,9 +16,26 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from seft_scale.errors import ConfigError
+from seft_scale.paths import resolve_path, resolve_source
 
-class ConfigError(ValueError):
-    """A run configuration that cannot run; the message names the offending key."""
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """'unstructured' -> None; 'N:M' -> (N, M) with 0 < N < M."""
+    if pattern == "unstructured":
+        return None
+    try:
+        n, m = (int(v) for v in pattern.split(":"))
+    except ValueError:
+        raise ValueError(f"sparsity pattern must be 'unstructured' or 'N:M' (e.g. '2:4'), got {pattern!r}")
+    if not 0 < n < m:
+        raise ValueError(f"sparsity pattern {pattern!r}: need 0 < N < M")
+    return n, m
+
+
+def _need(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
 
 
 @dataclass
@@ -91,27 +108,23 @@ class PruneConfig:
     damp: float = 0.01
     """SparseGPT: dampening λ added to the Hessian's diagonal, as a fraction of its mean."""
 
-    def validate(self, base_dir: Optional[Path] = None) -> "PruneConfig":
-        """Range checks (ConfigError naming prune.<key>); resolves calib_data against base_dir."""
-        from seft_scale.sparsity.nm import parse_pattern
+    @property
+    def nm(self) -> Optional[tuple[int, int]]:
+        """The parsed pattern: (N, M), or None when unstructured."""
+        return parse_pattern(self.pattern)
+
+    def validate(self) -> "PruneConfig":
         try:
             parse_pattern(self.pattern)
         except ValueError as e:
             raise ConfigError(f"prune.pattern: {e}") from None
-        checks = [(0 <= self.sparsity < 1, "sparsity", "must be in [0, 1)"),
-                  (self.nsamples > 0, "nsamples", "must be > 0"),
-                  (self.seqlen > 1, "seqlen", "must be > 1"),
-                  (self.block_size > 0, "block_size", "must be > 0"),
-                  (self.damp > 0, "damp", "must be > 0")]
-        for ok, key, msg in checks:
-            if not ok:
-                raise ConfigError(f"prune.{key}: {msg}")
-        if self.method in ("wanda", "sparsegpt"):
-            if not self.calib_data:
-                raise ConfigError(f"prune.calib_data: method {self.method} needs calibration text "
-                                  "(path of a .txt file)")
-            from seft_scale.data.sources import resolve_source
-            self.calib_data = resolve_source(self.calib_data, "auto", base_dir, "prune.calib_data")
+        _need(0 <= self.sparsity < 1, "prune.sparsity", "must be in [0, 1)")
+        _need(self.nsamples > 0, "prune.nsamples", "must be > 0")
+        _need(self.seqlen > 1, "prune.seqlen", "must be > 1")
+        _need(self.block_size > 0, "prune.block_size", "must be > 0")
+        _need(self.damp > 0, "prune.damp", "must be > 0")
+        _need(self.method not in ("wanda", "sparsegpt") or bool(self.calib_data), "prune.calib_data",
+              f"method {self.method} needs calibration text (path of a .txt file)")
         return self
 
 
@@ -136,19 +149,31 @@ class SeftConfig:
     drop_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """How the drop fraction decays over the run."""
     merge_dropped: bool = True
-    """Merge a dropped slot's value into θ (True) or discard it (False); see sparsity/topology.py."""
+    """Merge a dropped slot's value into θ (True) or discard it (False); see seft/topology.py."""
     adapt_criterion: Literal["sensitivity", "magnitude"] = "sensitivity"
     """Score for pruning back to the budget: |W·G| (the paper's) or |W| (its ablation)."""
     reactivation: bool = True
     """Let grow pick pruned positions. False restricts growth to the support (the paper's
     mask-constraint ablation). Always False in N:M mode."""
     kernel: Literal["auto", "dense", "gather"] = "auto"
-    """Sparse-delta linear kernel; auto applies the cost rule of seft_scale/delta.py."""
+    """Sparse-delta linear kernel; auto applies the cost rule of seft_scale/seft/kernels.py."""
     gather_cost_ratio: float = 400.0
     """Cost of one gathered multiply-add in matmul multiply-adds (cost rule: gather iff
-    K·ratio < d_in·d_out). launch/bench_step.py measures it: ~400 on 2 AVX2 cores (2026-11)."""
+    K·ratio < d_in·d_out). launch/bench/bench_step.py measures it: ~400 on 2 AVX2 cores (2026-11)."""
     init_seed: int = 0
     """Seed of the initial slot placement (uniform over the support)."""
+
+    def validate(self) -> "SeftConfig":
+        _need((self.lora_rank is None) != (self.density is None), "seft.lora_rank/seft.density",
+              "set exactly one of them")
+        _need(self.lora_rank is None or self.lora_rank > 0, "seft.lora_rank", "must be > 0")
+        _need(self.density is None or 0 < self.density <= 1, "seft.density", "must be in (0, 1]")
+        _need(self.update_interval > 0, "seft.update_interval", "must be > 0")
+        _need(0 < self.window <= self.update_interval, "seft.window", "must be in [1, update_interval]")
+        _need(0 <= self.drop_rate <= 1, "seft.drop_rate", "must be in [0, 1]")
+        _need(self.gather_cost_ratio > 0, "seft.gather_cost_ratio", "must be > 0")
+        _need(len(self.targets) > 0, "seft.targets", "must name at least one module")
+        return self
 
 
 @dataclass
@@ -199,6 +224,13 @@ class DataConfig:
     cache_dir: Optional[str] = None
     """Where tokenised data is cached; empty: $SEFT_CACHE/data, else ~/.cache/seft_scale/data."""
 
+    def validate(self) -> "DataConfig":
+        _need(self.seq_len > 1, "data.seq_len", "must be > 1")
+        _need(0 <= self.val_fraction < 1, "data.val_fraction", "must be in [0, 1)")
+        _need(self.max_examples is None or self.max_examples > 0, "data.max_examples", "must be > 0")
+        _need(bool(self.train), "data.train", "is required (a data file, folder or dataset name)")
+        return self
+
 
 @dataclass
 class TrainConfig:
@@ -245,6 +277,18 @@ class TrainConfig:
     gradient checkpointing, non-reentrant): activation memory of one layer instead of all, for
     about one more forward per step. launch/plan.py shows both."""
 
+    def validate(self) -> "TrainConfig":
+        for key in ("steps", "micro_batch_size", "grad_accum", "log_every", "keep_checkpoints"):
+            _need(getattr(self, key) > 0, f"train.{key}", "must be > 0")
+        for key in ("warmup_steps", "checkpoint_every", "eval_batches", "max_grad_norm",
+                    "weight_decay"):
+            _need(getattr(self, key) >= 0, f"train.{key}", "must be >= 0")
+        _need(self.lr > 0, "train.lr", "must be > 0")
+        _need(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
+        _need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1/beta2", "must be in [0, 1)")
+        _need(self.eps > 0, "train.eps", "must be > 0")
+        return self
+
 
 @dataclass
 class FSDPConfig:
@@ -290,6 +334,12 @@ class EvalConfig:
     """Write loss.png (loss curve) and reactivation.png (per-layer reactivated positions) when
     matplotlib is installed."""
 
+    def validate(self) -> "EvalConfig":
+        _need(self.seqlen > 1, "eval.seqlen", "must be > 1")
+        _need(self.max_windows is None or self.max_windows > 0, "eval.max_windows", "must be > 0")
+        _need(self.limit is None or self.limit > 0, "eval.limit", "must be > 0")
+        return self
+
 
 @dataclass
 class BaselineConfig:
@@ -302,6 +352,12 @@ class BaselineConfig:
     """LoRA scaling numerator (update scaled by alpha / r). Empty: 2·r."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA input (lora_star only; PEFT's lora_dropout)."""
+
+    def validate(self) -> "BaselineConfig":
+        _need(self.lora_rank is None or self.lora_rank > 0, "baseline.lora_rank", "must be > 0")
+        _need(self.lora_alpha is None or self.lora_alpha > 0, "baseline.lora_alpha", "must be > 0")
+        _need(0 <= self.lora_dropout < 1, "baseline.lora_dropout", "must be in [0, 1)")
+        return self
 
 
 @dataclass
@@ -329,82 +385,35 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Perplexity / lm-eval inside the run."""
 
-    def validate(self, base_dir: Optional[Path] = None, check_paths: bool = True) -> "RunConfig":
-        """Range and consistency checks; resolves relative paths against `base_dir` (skipped
-        with check_paths=False: exporting a finished run needs neither its data nor its model path)."""
-        def need(ok: bool, key: str, msg: str):
-            if not ok:
-                raise ConfigError(f"{key}: {msg}")
-
-        s, t, p, d = self.seft, self.train, self.prune, self.data
-        need((s.lora_rank is None) != (s.density is None), "seft.lora_rank/seft.density",
-             "set exactly one of them")
-        need(s.lora_rank is None or s.lora_rank > 0, "seft.lora_rank", "must be > 0")
-        need(s.density is None or 0 < s.density <= 1, "seft.density", "must be in (0, 1]")
-        need(s.update_interval > 0, "seft.update_interval", "must be > 0")
-        need(0 < s.window <= s.update_interval, "seft.window", "must be in [1, update_interval]")
-        need(0 <= s.drop_rate <= 1, "seft.drop_rate", "must be in [0, 1]")
-        need(s.gather_cost_ratio > 0, "seft.gather_cost_ratio", "must be > 0")
-        need(len(s.targets) > 0, "seft.targets", "must name at least one module")
-        b = self.baseline
-        need(b.lora_rank is None or b.lora_rank > 0, "baseline.lora_rank", "must be > 0")
-        need(b.lora_alpha is None or b.lora_alpha > 0, "baseline.lora_alpha", "must be > 0")
-        need(0 <= b.lora_dropout < 1, "baseline.lora_dropout", "must be in [0, 1)")
+    def validate(self) -> "RunConfig":
+        """Every section's own types and ranges, then what depends on two sections."""
+        for section in (self.prune, self.seft, self.data, self.train, self.baseline, self.eval):
+            section.validate()
         if self.method in ("lora_star", "sqft"):
-            need(b.lora_rank is not None or s.lora_rank is not None, "baseline.lora_rank",
-                 f"method {self.method} needs a rank (this one or seft.lora_rank)")
-        e = self.eval
-        need(e.seqlen > 1, "eval.seqlen", "must be > 1")
-        need(e.max_windows is None or e.max_windows > 0, "eval.max_windows", "must be > 0")
-        need(e.limit is None or e.limit > 0, "eval.limit", "must be > 0")
-        need("dense" not in e.stages or p.method != "none", "eval.stages",
-             "dense needs a run that prunes (prune.method other than none)")
-        p.validate(base_dir)
-        for key in ("steps", "micro_batch_size", "grad_accum", "log_every", "keep_checkpoints"):
-            need(getattr(t, key) > 0, f"train.{key}", "must be > 0")
-        for key in ("warmup_steps", "checkpoint_every", "eval_batches", "max_grad_norm",
-                    "weight_decay"):
-            need(getattr(t, key) >= 0, f"train.{key}", "must be >= 0")
-        need(t.lr > 0, "train.lr", "must be > 0")
-        need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
-        need(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1/beta2", "must be in [0, 1)")
-        need(t.eps > 0, "train.eps", "must be > 0")
-        need(d.seq_len > 1, "data.seq_len", "must be > 1")
-        need(0 <= d.val_fraction < 1, "data.val_fraction", "must be in [0, 1)")
-        need(d.max_examples is None or d.max_examples > 0, "data.max_examples", "must be > 0")
-        need(bool(d.train), "data.train", "is required (a data file, folder or dataset name)")
-        if not check_paths:
-            return self
-        from seft_scale.data.sources import resolve_source
+            _need(self.baseline.lora_rank is not None or self.seft.lora_rank is not None,
+                  "baseline.lora_rank", f"method {self.method} needs a rank (this one or seft.lora_rank)")
+        _need("dense" not in self.eval.stages or self.prune.method != "none", "eval.stages",
+              "dense needs a run that prunes (prune.method other than none)")
+        return self
+
+    def resolve_paths(self, base_dir: Optional[Path] = None) -> "RunConfig":
+        """Make every local path absolute (relative ones are tried against the working directory,
+        then `base_dir`, the config file's folder) and check it exists; `asset:` names are built."""
+        d, e, p = self.data, self.eval, self.prune
         d.train = resolve_source(d.train, d.format, base_dir, "data.train")
         if d.validation:
             d.validation = resolve_source(d.validation, d.format, base_dir, "data.validation")
+        if p.method in ("wanda", "sparsegpt"):
+            p.calib_data = resolve_source(p.calib_data, "auto", base_dir, "prune.calib_data")
         if e.ppl_data:
-            e.ppl_data = _resolve(e.ppl_data, base_dir, "eval.ppl_data")
+            e.ppl_data = resolve_path(e.ppl_data, base_dir, "eval.ppl_data")
         if e.include_path:
-            e.include_path = _resolve(e.include_path, base_dir, "eval.include_path")
+            e.include_path = resolve_path(e.include_path, base_dir, "eval.include_path")
         if self.model.path:
-            self.model.path = _resolve(self.model.path, base_dir, "model.path")
-            need(Path(self.model.path, "config.json").is_file(), "model.path",
-                 f"{self.model.path} is not a Hugging Face model folder (no config.json)")
+            self.model.path = resolve_path(self.model.path, base_dir, "model.path")
+            _need(Path(self.model.path, "config.json").is_file(), "model.path",
+                  f"{self.model.path} is not a Hugging Face model folder (no config.json)")
         return self
-
-
-def _resolve(path: str, base_dir: Optional[Path], key: str) -> str:
-    """Relative paths are tried against the working directory, then the config file's folder;
-    `asset:<name>` is a cached offline asset (seft_scale/assets.py), fetched on first use."""
-    if path.startswith("asset:"):
-        from seft_scale.assets import AssetError, resolve_asset
-        try:
-            return str(resolve_asset(path[len("asset:"):]))
-        except AssetError as e:
-            raise ConfigError(f"{key}: {e}") from None
-    p = Path(path).expanduser()
-    if not p.is_absolute() and not p.exists() and base_dir is not None and (base_dir / p).exists():
-        p = base_dir / p
-    if not p.exists():
-        raise ConfigError(f"{key}: {path} does not exist")
-    return str(p.resolve())
 
 
 # ---------------------------------------------------------------------------- YAML <-> dataclasses
@@ -427,7 +436,7 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
-def _yaml(text: str):
+def parse_yaml(text: str):
     return yaml.load(text, Loader=_Loader)
 
 
@@ -453,7 +462,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {_type_name(tp)} fields, got {value!r}")
-        return _build(tp, value, key)
+        return from_dict(tp, value, key)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is bool and not isinstance(value, bool):
@@ -463,7 +472,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _build(cls: type, data: dict, prefix: str = "") -> Any:
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """The dataclass `cls` from a YAML mapping: unknown keys and wrong types are ConfigErrors."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -481,7 +491,7 @@ def _set_override(data: dict, item: str) -> None:
         raise ConfigError(f"override {item!r}: expected section.key=value")
     key, raw = item.split("=", 1)
     try:
-        value = _yaml(raw) if raw != "" else ""
+        value = parse_yaml(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     node = data
@@ -503,7 +513,7 @@ def load_config(path: Optional[str], overrides: tuple[str, ...] | list[str] = ()
         if not p.is_file():
             raise ConfigError(f"--config: {path} does not exist")
         try:
-            data = _yaml(p.read_text()) or {}
+            data = parse_yaml(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
@@ -511,7 +521,8 @@ def load_config(path: Optional[str], overrides: tuple[str, ...] | list[str] = ()
         base_dir = p.resolve().parent
     for item in overrides:
         _set_override(data, item)
-    return _build(RunConfig, data).validate(base_dir, check_paths)
+    cfg = from_dict(RunConfig, data).validate()
+    return cfg.resolve_paths(base_dir) if check_paths else cfg
 
 
 def to_dict(cfg: Any) -> dict:

@@ -8,10 +8,10 @@
   name from lm-eval's registry or from local task YAMLs (`include_path`); datasets are loaded
   before any model work, so a task needing an unreachable hub fails first, by name.
 - `sparsity_report`: per target matrix shape, nonzeros, sparsity (and N:M validity) of an HF
-  folder (read one tensor at a time) or of an in-memory model, via seft_scale.export.
+  folder (read one tensor at a time) or of an in-memory model.
 
-`evaluate_model` runs all three on an in-memory model (what training calls at the end of a run);
-launch/evaluate.py does the same for a saved folder and writes the JSON.
+`evaluate_model` runs all three on an in-memory model; `stage_eval` is what a run measures at its
+stages (dense, pruned, repaired); seft-eval (launch/evaluate.py) does the same for a saved folder.
 """
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ from typing import Iterable, Iterator, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from seft_scale.config import ConfigError
-from seft_scale.export import SafetensorsFolder, matrix_report, summarize
-from seft_scale.model import find_targets
+from seft_scale.errors import ConfigError
+from seft_scale.model import SafetensorsFolder, find_targets
+from seft_scale.sparsity import matrix_report, summarize
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -234,6 +234,25 @@ def evaluate_model(model, tokenizer, ppl_texts: Optional[Sequence[str]] = None,
         result["lm_eval"] = run_lm_eval(model, tokenizer, loaded, batch_size, limit, num_fewshot)
         result["lm_eval_time_s"] = round(time.perf_counter() - t0, 3)
     return result
+
+
+def stage_eval(model, tokenizer, cfg, stage: str) -> Optional[dict]:
+    """Perplexity (and, for the repaired model, lm-eval tasks) of one stage of a run, as its
+    eval section asks (cfg: the RunConfig); None when it asks for nothing at this stage. The
+    dense stage is measured before pruning, so it checks no N:M pattern."""
+    e = cfg.eval
+    texts = read_ppl_texts(e.ppl_data) if e.ppl_data and stage in e.stages else None
+    tasks = e.tasks if stage == "repaired" else []
+    if texts is None and not tasks:
+        return None
+    res = evaluate_model(model, tokenizer, texts, e.seqlen, tasks=tasks, include_path=e.include_path,
+                         limit=e.limit, max_windows=e.max_windows, targets=cfg.seft.targets,
+                         nm=None if stage == "dense" else cfg.prune.nm)
+    if "perplexity" in res:
+        print(f"[{stage}] held-out perplexity {res['perplexity']['ppl']:.3f} (seqlen "
+              f"{e.seqlen}, {res['perplexity']['windows']} windows), sparsity "
+              f"{res['sparsity']['summary']['sparsity']:.4f}")
+    return res
 
 
 def format_results(result: dict) -> str:

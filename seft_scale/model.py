@@ -1,15 +1,21 @@
-"""Loading the causal LM to repair: a local HF folder, or a tiny random Llama built offline."""
+"""The causal LM to repair: a local HF folder or a tiny random Llama built offline; meta-device
+skeletons for the ranks that hold no weights; target lookup; saving; reading single tensors of a
+saved folder."""
 from __future__ import annotations
 
 import importlib.util
+import json
+import math
 import re
 from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
-from seft_scale.config import ConfigError, ModelConfig
+from seft_scale.config import ModelConfig
+from seft_scale.errors import ConfigError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -92,6 +98,39 @@ def load_model(cfg: ModelConfig, device: torch.device, train_text: Optional[str]
     return model.to(device), tok
 
 
+def skeleton(cfg: ModelConfig, path: Optional[str], vocab_size: int, dtype: torch.dtype, attn: str):
+    """The model's modules on the meta device, no weights: what ranks that receive their shards
+    from rank 0 build (FSDP2's broadcast, ZeRO-3's partitioning)."""
+    with torch.device("meta"):
+        if path:
+            from transformers import AutoConfig, AutoModelForCausalLM
+            config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn,
+                                                     trust_remote_code=cfg.trust_remote_code)
+        else:
+            model = build_tiny_llama(cfg, vocab_size, dtype, attn)
+    model.config.use_cache = False
+    return model
+
+
+def load_on_rank0(cfg: ModelConfig, device: torch.device, comm, train_text: Optional[str] = None,
+                  path: Optional[str] = None):
+    """(model, tokenizer): the whole model on rank 0 (on `device`), a meta skeleton elsewhere;
+    every rank gets rank 0's tokenizer, so all ranks tokenise the data alike."""
+    dtype, attn = resolve_dtype(cfg.dtype, device), resolve_attn(cfg.attn_implementation, device)
+    model, tok = load_model(cfg, device, train_text, path) if comm.rank == 0 else (None, None)
+    tok = comm.broadcast_object(tok)
+    if comm.rank != 0:
+        model = skeleton(cfg, path or cfg.path, len(tok), dtype, attn)
+    return model, tok
+
+
+def has_weights(model: nn.Module) -> bool:
+    """Whether this rank holds the model's weights: not a meta skeleton, nor ZeRO-3 partitions
+    (which hold no data between gathers). Pruning and weight checks run where the weights are."""
+    return not any(p.is_meta or p.numel() == 0 for p in model.parameters())
+
+
 def find_targets(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Linear]]:
     """Linear modules whose last name component matches one of `patterns` (regex, full match)."""
     regs = [re.compile(p) for p in patterns]
@@ -107,3 +146,29 @@ def save_model(model: nn.Module, tokenizer, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+
+
+class SafetensorsFolder:
+    """Read single tensors of an HF folder (sharded or not) without loading the model."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        index = self.folder / "model.safetensors.index.json"
+        if index.exists():
+            self.where = json.loads(index.read_text())["weight_map"]
+        else:
+            with safe_open(str(self.folder / "model.safetensors"), "pt") as f:
+                self.where = {k: "model.safetensors" for k in f.keys()}
+
+    def get(self, key: str) -> torch.Tensor:
+        with safe_open(str(self.folder / self.where[key]), "pt") as f:
+            return f.get_tensor(key)
+
+    def get_flat(self, key: str, lo: int, hi: int) -> torch.Tensor:
+        """Elements [lo, hi) of the flattened tensor, reading only the rows that hold them."""
+        with safe_open(str(self.folder / self.where[key]), "pt") as f:
+            part = f.get_slice(key)
+            shape = part.get_shape()
+            cols = math.prod(shape[1:])
+            r0, r1 = lo // cols, -(-hi // cols)
+            return part[r0:r1].reshape(-1)[lo - r0 * cols: hi - r0 * cols]

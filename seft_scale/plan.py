@@ -13,7 +13,7 @@ step      Saved activations (HF Llama blocks; with train.activation_checkpointin
           every target's gathered (pos, δ) (each forward keeps them for its backward), weights
           gathered by the sharding backend, and the sparse-delta kernel's scratch. The step's peak
           is the larger of the end of the forward (ZeRO-3 still holds its all-gather buffers) and
-          the start of the backward (logits, fp32 log-softmax and their gradients, or the kernel's
+          the start of the backward (fp32 log-softmax and the gradients of it and the logits, or the kernel's
           δ-gradient chunks plus one MLP's gradients).
 window    The fp32 dense-gradient accumulator over the shard (from the first window step to the
           update) and one matrix's full G with its reduce-scatter buffers; the dense kernel runs.
@@ -35,7 +35,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from seft_scale.config import ConfigError, FSDPConfig, SeftConfig, _build, _yaml, load_config
+import torch
+
+from seft_scale.backends.ds_config import read_ds_json
+from seft_scale.config import FSDPConfig, SeftConfig, from_dict, load_config, parse_yaml
+from seft_scale.errors import ConfigError
+from seft_scale.seft.budget import slot_capacity
+from seft_scale.seft.delta import SparseDelta
+from seft_scale.seft.kernels import GATHER_CHUNK_ELEMS, choose_kernel
 
 GIB = 1 << 30
 HEADROOM_GIB = 2.0  # CUDA context, cuBLAS workspaces, NCCL buffers
@@ -140,7 +147,7 @@ def read_yaml(path: str | Path, what: str = "--config") -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{what}: {path} does not exist")
-    data = _yaml(p.read_text()) or {}
+    data = parse_yaml(p.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{what}: {path} must hold a mapping")
     return data
@@ -158,8 +165,8 @@ def load_preset(path: str | Path) -> Preset:
     zero_config(zero, f"{path}: zero_optimization")
     return Preset(name=data.get("name", Path(path).stem), source=data.get("source", ""),
                   shape=ModelShape.from_hf(data["shape"], f"{path}: shape"),
-                  seft=_build(SeftConfig, data.get("seft") or {}, "seft"),
-                  fsdp=_build(FSDPConfig, data.get("fsdp") or {}, "fsdp"),
+                  seft=from_dict(SeftConfig, data.get("seft") or {}, "seft"),
+                  fsdp=from_dict(FSDPConfig, data.get("fsdp") or {}, "fsdp"),
                   zero_optimization=zero, path=str(path))
 
 
@@ -179,25 +186,14 @@ def zero_config(zero: dict, what: str):
     return cfg
 
 
-def write_ds_config(base: str | Path, zero: dict, out: str | Path) -> dict:
-    """The DeepSpeed JSON `base` with its zero_optimization updated by `zero`, written to `out`."""
-    if not Path(base).is_file():
-        raise ConfigError(f"--ds-config: {base} does not exist")
-    ds = json.loads(Path(base).read_text())
+def write_ds_config(base: Optional[str | Path], zero: dict, out: str | Path) -> dict:
+    """The DeepSpeed JSON `base` (None: the default) with its zero_optimization updated by `zero`,
+    written to `out`."""
+    ds = read_ds_json(base, "--ds-config")
     ds["zero_optimization"] = {**ds.get("zero_optimization", {}), **zero}
     zero_config(ds["zero_optimization"], f"{out}: zero_optimization")
     Path(out).write_text(json.dumps(ds, indent=2) + "\n")
     return ds
-
-
-def read_ds_zero(path: str | Path) -> dict:
-    """The zero_optimization block of a DeepSpeed JSON."""
-    if not Path(path).is_file():
-        raise ConfigError(f"--ds-config: {path} does not exist")
-    try:
-        return json.loads(Path(path).read_text()).get("zero_optimization", {})
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--ds-config: {path} is not valid JSON: {e}") from None
 
 
 # ------------------------------------------------------------------------------------ the formula
@@ -280,9 +276,6 @@ def _targets(shape: ModelShape, patterns: list[str]) -> list[tuple[str, int, int
 
 def _slot_layout() -> tuple[int, int, str]:
     """(bytes per slot, bytes per mask element, description), read off a SparseDelta."""
-    import torch
-
-    from seft_scale.delta import SparseDelta
     d = SparseDelta("probe", (1, 1), 0, torch.ones(1), 1, 1)
     fields = {"pos": d.pos, "δ": d.values, "δ-grad": d.values, "m": d.exp_avg, "v": d.exp_avg_sq,
               "age": d.age}
@@ -292,8 +285,6 @@ def _slot_layout() -> tuple[int, int, str]:
 
 def plan_memory(inp: PlanInput) -> MemoryPlan:
     """Per-rank memory of the worst rank, by component (see the module docstring)."""
-    from seft_scale.delta import _GATHER_CHUNK_ELEMS, choose_kernel
-    from seft_scale.methods import slot_capacity
 
     s, W, be = inp.shape, inp.world, inp.backend
     if be not in BACKENDS:
@@ -367,9 +358,13 @@ def plan_memory(inp: PlanInput) -> MemoryPlan:
                    f"layers·[(8+{4 * ec})·BLH + {4 * ec}·BLI + {2 * ec}·BL·kv_dim + 4·B·heads·L] + "
                    f"final norm; no activation checkpointing, B={B} L={L}")
     acts_fwd = acts - final
-    logits = add("logits + loss", "step", (ec + 12) * T * V,
-                 f"({ec}+12)·BLV: logits, fp32 log-softmax, its gradient and the logits' gradient")
-    mlp_grads = ec * (3 * T * inter + 2 * T * H)
+    logits = add("logits + loss", "step", 12 * T * V,
+                 "12·BLV at the start of the backward: fp32 log-softmax, its gradient and the logits' "
+                 "gradient (the loop keeps only the loss, so the logits are freed)")
+    # an MLP's backward holds the gradients of gate, up, silu·up (3·BLI) and of its input and
+    # output (2·BLH); by then autograd has freed two of its four saved BLI activations (the
+    # down_proj input, then silu(gate) and up after the product's backward)
+    mlp_grads = ec * (3 * T * inter + 2 * T * H) - 2 * ec * T * inter
     slots_all = nl * sum(caps)
     slots_gathered = add("gathered (pos, δ) of every target", "step", slots_all * 12 if W > 1 else 0,
                          "K_total·(8+4) B on every rank (W > 1): kept from each forward to its "
@@ -405,7 +400,7 @@ def plan_memory(inp: PlanInput) -> MemoryPlan:
     for (_, r, c), k in zip(targets, caps):
         kernel = inp.seft.kernel if inp.seft.kernel != "auto" else \
             choose_kernel(k, r * c, inp.seft.gather_cost_ratio)
-        chunk = min(T * k, _GATHER_CHUNK_ELEMS)
+        chunk = min(T * k, GATHER_CHUNK_ELEMS)
         dense_compose = max(dense_compose, r * c * ec)
         fwd_scratch = max(fwd_scratch, r * c * ec if kernel == "dense" else 2 * ec * chunk)
         bwd_scratch = max(bwd_scratch, r * c * ec if kernel == "dense" else 12 * chunk)

@@ -1,4 +1,4 @@
-"""Test helpers: shard simulation in one process (threads), tiny models."""
+"""Test helpers: shard simulation in one process (threads), SEFT over a backend without a run."""
 from __future__ import annotations
 
 import threading
@@ -57,3 +57,15 @@ def shard_bounds(n: int, world: int, rank: int, mode: str = "zero") -> tuple[int
     as rows·cols and handle rows themselves."""
     per = -(-n // world)
     return min(rank * per, n), min((rank + 1) * per, n)
+
+
+def seft_method(backend, model, seft=None, **run_fields):
+    """(SeftMethod, wrapped model): SEFT attached to `model` on `backend`, as a run attaches it
+    (wrap, then the method over the targets' shards), with the config's seft section `seft`."""
+    from seft_scale.config import RunConfig, SeftConfig
+    from seft_scale.model import find_targets
+    from seft_scale.seft.method import SeftMethod
+
+    cfg = RunConfig(seft=seft or SeftConfig(), **run_fields)
+    model = backend.wrap(model)
+    return SeftMethod(cfg, backend, model, find_targets(model, cfg.seft.targets)), model

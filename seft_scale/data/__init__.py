@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import logging
 
-from seft_scale.config import ConfigError, DataConfig
+from seft_scale.config import DataConfig
+from seft_scale.errors import ConfigError
 from seft_scale.data.blocks import IGNORE_INDEX, TokenBlocks, TokenSplit, batch_indices
 from seft_scale.data.cache import cache_key, cache_root, load_cached, save_cached
 from seft_scale.data.encode import (documents, encode_instructions, examples, heldout_by_digest,

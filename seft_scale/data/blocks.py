@@ -49,11 +49,11 @@ def batch_indices(num_blocks: int, micro_batch: int, batch_size: int, seed: int,
     out = []
     for i in range(start, start + batch_size):
         epoch, j = divmod(i, num_blocks)
-        out.append(int(_epoch_order(num_blocks, seed, epoch)[j]))
+        out.append(int(epoch_order(num_blocks, seed, epoch)[j]))
     return torch.tensor(out, dtype=torch.int64)
 
 
 @lru_cache(maxsize=4)
-def _epoch_order(num_blocks: int, seed: int, epoch: int) -> torch.Tensor:
+def epoch_order(num_blocks: int, seed: int, epoch: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(num_blocks, generator=g)

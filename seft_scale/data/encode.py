@@ -15,7 +15,8 @@ from typing import Iterator
 
 import torch
 
-from seft_scale.config import ConfigError, DataConfig
+from seft_scale.config import DataConfig
+from seft_scale.errors import ConfigError
 from seft_scale.data.blocks import IGNORE_INDEX
 from seft_scale.data.sources import Source
 from seft_scale.data.templates import TEMPLATES

@@ -14,61 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from seft_scale.config import ConfigError, DataConfig
+from seft_scale.config import DataConfig
+from seft_scale.errors import ConfigError
+from seft_scale.paths import data_format
 
-EXTENSIONS = {".txt": "txt", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
-              ".csv": "csv"}
 _BUILDERS = {"txt": ("text", {"sample_by": "document"}), "json": ("json", {}),
              "parquet": ("parquet", {}), "csv": ("csv", {"na_filter": False})}
 _LOCAL_HINT = "pass a local .txt, .json, .jsonl, .parquet or .csv file, or a folder of .txt files"
-
-
-def _extension(p: Path) -> str:
-    """.jsonl for x.jsonl and for x.jsonl.gz."""
-    return Path(p.stem).suffix.lower() if p.suffix.lower() == ".gz" else p.suffix.lower()
-
-
-def resolve_source(source: str, fmt: str, base_dir: Optional[Path], key: str) -> str:
-    """Config-time check: a local path made absolute (it must exist and have a readable format),
-    or a hub dataset name left as it is (checked when it is loaded)."""
-    from seft_scale.config import _resolve
-
-    if fmt == "hub":
-        return source
-    if source.startswith("asset:"):
-        path = _resolve(source, base_dir, key)
-        detect_format(path, fmt, key)
-        return path
-    p = Path(source).expanduser()
-    in_base = base_dir is not None and not p.is_absolute() and (base_dir / p).exists()
-    local = (p.exists() or in_base or fmt != "auto" or p.is_absolute()
-             or source.startswith((".", "~")) or _extension(p) in EXTENSIONS)
-    if not local:
-        return source
-    path = _resolve(source, base_dir, key)
-    detect_format(path, fmt, key)
-    return path
-
-
-def detect_format(location: str, fmt: str, key: str) -> str:
-    """txt / json / parquet / csv for a local path, hub for anything else (format auto)."""
-    p = Path(location)
-    if fmt == "hub" or (fmt == "auto" and not p.exists()):
-        return "hub"
-    if not p.exists():
-        raise ConfigError(f"{key}: {location} does not exist")
-    if p.is_dir():
-        if fmt not in ("auto", "txt"):
-            raise ConfigError(f"{key}: {location} is a folder; only folders of .txt files are "
-                              f"read (data.format: auto or txt, not {fmt})")
-        return "txt"
-    if fmt != "auto":
-        return fmt
-    if _extension(p) not in EXTENSIONS:
-        raise ConfigError(f"{key}: cannot tell the format of {location} from its extension "
-                          f"{_extension(p)!r} (known: {', '.join(EXTENSIONS)}, optionally .gz); "
-                          "set data.format to one of txt, json, parquet, csv")
-    return EXTENSIONS[_extension(p)]
 
 
 @dataclass
@@ -89,7 +41,7 @@ class Source:
     def of(cls, cfg: DataConfig, which: str) -> "Source":
         location = cfg.train if which == "train" else cfg.validation
         key = f"data.{which}"
-        fmt = detect_format(location, cfg.format, key)
+        fmt = data_format(location, cfg.format, key)
         split = cfg.split if which == "train" else cfg.validation_split
         if fmt != "hub":
             location = str(Path(location).resolve())

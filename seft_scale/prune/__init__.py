@@ -14,12 +14,12 @@ from typing import Sequence
 
 from torch import nn
 
-from seft_scale.config import ConfigError, PruneConfig
+from seft_scale.config import PruneConfig
+from seft_scale.errors import ConfigError
 from seft_scale.prune.calibration import calibration_windows, read_calibration_text
 from seft_scale.prune.sequential import (CALIBRATED, check_shapes, matrix_entry, prune_layerwise,
                                          prune_weight)
 from seft_scale.prune.streaming import prune_folder
-from seft_scale.sparsity.nm import parse_pattern
 
 __all__ = ["prune_model", "prune_folder"]
 
@@ -27,14 +27,13 @@ __all__ = ["prune_model", "prune_folder"]
 def prune_model(model: nn.Module, tokenizer, targets: Sequence[tuple[str, nn.Linear]],
                 cfg: PruneConfig, device) -> dict[str, dict]:
     """Prune `targets` of an in-memory model in place by cfg.method; returns the per-matrix
-    report (export.matrix_report entries plus `sparsity`)."""
-    check_shapes(targets, cfg.pattern)
+    report (sparsity.matrix_report entries plus `sparsity`)."""
+    check_shapes(targets, cfg)
     if cfg.method == "magnitude":  # no calibration: any Linear, in or outside decoder layers
-        nm = parse_pattern(cfg.pattern)
         report = {}
         for name, lin in targets:
             keep = prune_weight(lin.weight.data, cfg)
-            report[name] = matrix_entry(lin.weight.data, keep, nm)
+            report[name] = matrix_entry(lin.weight.data, keep, cfg.nm)
         return report
     if cfg.method not in CALIBRATED:
         raise ConfigError(f"prune.method: {cfg.method!r} is not a pruner")

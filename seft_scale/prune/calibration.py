@@ -6,7 +6,10 @@ from pathlib import Path
 
 import torch
 
-from seft_scale.config import ConfigError
+from seft_scale.config import DataConfig
+from seft_scale.data import tokenizer_training_text
+from seft_scale.errors import ConfigError
+from seft_scale.paths import resolve_source
 
 
 def read_calibration_text(source: str | Path, max_chars: int = 64 << 20) -> str:
@@ -19,9 +22,6 @@ def read_calibration_text(source: str | Path, max_chars: int = 64 << 20) -> str:
             return path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise ConfigError(f"prune.calib_data (--calib-data): {path} is not UTF-8 text ({e})") from None
-    from seft_scale.config import DataConfig
-    from seft_scale.data import tokenizer_training_text
-    from seft_scale.data.sources import resolve_source
     src = resolve_source(str(source), "auto", None, "prune.calib_data (--calib-data)")
     return tokenizer_training_text(DataConfig(train=src, kind="text"), max_chars=max_chars)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from seft_scale.sparsity.nm import nm_for
+from seft_scale.sparsity import nm_for
 
 
 def pruned_count(numel: int, sparsity: float) -> int:

@@ -21,12 +21,12 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from seft_scale.config import ConfigError, PruneConfig
-from seft_scale.export import matrix_report
+from seft_scale.config import PruneConfig
+from seft_scale.errors import ConfigError
 from seft_scale.prune.masks import keep_mask
 from seft_scale.prune.sparsegpt import Hessian, sparsegpt_prune
 from seft_scale.prune.wanda import InputNorms, wanda_scores
-from seft_scale.sparsity.nm import parse_pattern
+from seft_scale.sparsity import matrix_report
 
 CALIBRATED = ("wanda", "sparsegpt")
 
@@ -83,15 +83,15 @@ def prune_weight(weight: torch.Tensor, cfg: PruneConfig, statistic=None) -> torc
 
 
 def matrix_entry(weight: torch.Tensor, keep: torch.Tensor, nm) -> dict:
-    """export.matrix_report of a freshly pruned matrix (budget = kept count) plus its sparsity."""
+    """sparsity.matrix_report of a freshly pruned matrix (budget = kept count) plus its sparsity."""
     entry = matrix_report(weight, keep, None, int(keep.sum()), nm)
     entry["sparsity"] = 1 - entry["density"]
     return entry
 
 
-def check_shapes(targets: Sequence[tuple[str, nn.Linear]], pattern: str) -> None:
+def check_shapes(targets: Sequence[tuple[str, nn.Linear]], cfg: PruneConfig) -> None:
     """N:M needs every target's d_in divisible by M: name the matrices that are not."""
-    nm = parse_pattern(pattern)
+    nm, pattern = cfg.nm, cfg.pattern
     if nm is None:
         return
     bad = [f"{name} (d_in={lin.in_features})" for name, lin in targets if lin.in_features % nm[1]]
@@ -166,7 +166,7 @@ def prune_layerwise(model: nn.Module, targets: Sequence[tuple[str, nn.Linear]], 
         raise ConfigError(f"prune.method {cfg.method}: needs calibration windows")
     layers_name, layers = decoder_layers(model)
     groups = targets_by_layer(targets, layers_name, len(layers))
-    nm = parse_pattern(cfg.pattern)
+    nm = cfg.nm
     was_training = model.training
     model.eval()
     inputs = outputs = call = None

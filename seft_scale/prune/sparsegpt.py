@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from seft_scale.prune.masks import keep_top, pruned_count
-from seft_scale.sparsity.nm import nm_for
+from seft_scale.sparsity import nm_for
 
 
 class Hessian:

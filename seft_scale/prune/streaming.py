@@ -47,12 +47,13 @@ import psutil
 import torch
 from torch import nn
 
-from seft_scale.config import ConfigError, PruneConfig, SeftConfig
-from seft_scale.export import SafetensorsFolder, summarize
-from seft_scale.model import find_targets
+from seft_scale.config import PruneConfig, SeftConfig
+from seft_scale.errors import ConfigError
+from seft_scale.model import SafetensorsFolder, find_targets
 from seft_scale.prune.calibration import calibration_windows, read_calibration_text
 from seft_scale.prune.sequential import (CALIBRATED, check_shapes, decoder_layers,
                                          prune_layerwise, targets_by_layer)
+from seft_scale.sparsity import summarize
 
 # Files of the source folder that are not copied: weights (rewritten) and stale reports.
 _WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack"}
@@ -223,7 +224,7 @@ def prune_folder(model_dir: str | Path, out_dir: str | Path, cfg: PruneConfig,
         raise ConfigError(f"--out: {out} exists and is not an empty folder (nothing was written)")
     tokenizer, model, source = open_skeleton(model_dir, dtype, attn_implementation, trust_remote_code)
     found = find_targets(model, list(targets))
-    check_shapes(found, cfg.pattern)
+    check_shapes(found, cfg)
     layers_name, layers = decoder_layers(model)
     groups = targets_by_layer(found, layers_name, len(layers))
     calib = None

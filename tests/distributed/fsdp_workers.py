@@ -16,26 +16,31 @@ def state_bytes(deltas) -> int:
     return sum(t.numel() * t.element_size() for d in deltas for t in d.state_dict().values())
 
 
-class ProbedFSDP(FSDPBackend):
-    """The real backend, recording this rank's peak SEFT state (reached in selection windows, when
-    the dense G shard exists) and re-checking the exact budget after every topology update."""
+class Probe:
+    """Records this rank's peak SEFT state (reached in selection windows, when the dense G shard
+    exists) and re-checks the exact budget after every topology update of the real method."""
 
-    def __init__(self, cfg=None):
-        super().__init__(cfg)
+    def __init__(self):
+        from seft_scale.seft.method import SeftMethod
         self.peak_state, self.largest_fraction, self.updates_checked = 0, 0.0, 0
+        self.real = (SeftMethod.set_capture, SeftMethod.after_backward)
+        probe = self
 
-    def set_dense_grad_capture(self, deltas, on):
-        super().set_dense_grad_capture(deltas, on)
-        self.peak_state = max(self.peak_state, state_bytes(deltas))
-        # no tensor of any matrix's SEFT state may approach the full matrix on one rank
-        self.largest_fraction = max(self.largest_fraction, max(
-            t.numel() / d.numel for d in deltas for t in d.state_dict().values()))
+        def set_capture(method, on):
+            probe.real[0](method, on)
+            deltas = method.deltas
+            probe.peak_state = max(probe.peak_state, state_bytes(deltas))
+            # no tensor of any matrix's SEFT state may approach the full matrix on one rank
+            probe.largest_fraction = max(probe.largest_fraction, max(
+                t.numel() / d.numel for d in deltas for t in d.state_dict().values()))
 
-    def base_changed(self, deltas):
-        from seft_scale.sparsity.topology import check_budget
-        super().base_changed(deltas)
-        check_budget(deltas, self.allreduce)
-        self.updates_checked += 1
+        def after_backward(method, step, lr):
+            rec = probe.real[1](method, step, lr)
+            if "drop_fraction" in rec:  # a topology update ran
+                method.check()
+                probe.updates_checked += 1
+            return rec
+        SeftMethod.set_capture, SeftMethod.after_backward = set_capture, after_backward
 
 
 def train_worker(rank, world, yaml_path, out, overrides, resume=False, crash_at_step=None,
@@ -43,7 +48,7 @@ def train_worker(rank, world, yaml_path, out, overrides, resume=False, crash_at_
     """One real run of seft_scale.train.train on the FSDP backend. crash_at_step: every rank raises
     in that step's optimizer call; die_at_step: rank 1 exits hard there (no cleanup at all)."""
     from seft_scale.config import load_config
-    from seft_scale.optim import SlotAdamW
+    from seft_scale.seft.optim import SlotAdamW
     from seft_scale.train import train
 
     if crash_at_step is not None or die_at_step is not None:
@@ -58,11 +63,11 @@ def train_worker(rank, world, yaml_path, out, overrides, resume=False, crash_at_
             return real_step(self, deltas, lr)
         SlotAdamW.step = step
     cfg = load_config(yaml_path, overrides)
-    backend = ProbedFSDP(cfg.fsdp)
-    summary = train(cfg, out, resume=resume, backend=backend, progress=False)
-    return {"summary": summary, "peak_state": backend.peak_state,
-            "largest_fraction": backend.largest_fraction,
-            "updates_checked": backend.updates_checked}
+    probe = Probe()
+    summary = train(cfg, out, resume=resume, backend=FSDPBackend(cfg.fsdp), progress=False)
+    return {"summary": summary, "peak_state": probe.peak_state,
+            "largest_fraction": probe.largest_fraction,
+            "updates_checked": probe.updates_checked}
 
 
 def _full(local: torch.Tensor) -> torch.Tensor:
@@ -85,17 +90,16 @@ def _plain(x):
 
 
 def _attach(model_dir: str, fsdp: FSDPConfig, seft: SeftConfig):
-    from seft_scale.model import find_targets
-    from seft_scale.methods import attach_seft
+    from tests.helpers import seft_method
     backend = FSDPBackend(fsdp)
-    model, _ = backend.load_model(ModelConfig(path=model_dir))
-    deltas = attach_seft(backend, model, find_targets(model, seft.targets), seft)
-    return backend, model, deltas
+    model, _ = backend.load_model(ModelConfig(path=model_dir), path=model_dir)
+    method, model = seft_method(backend, model, seft, fsdp=fsdp)
+    return backend, model, method
 
 
 def _tied_scores(name: str, seed: int, pos: torch.Tensor, levels: int) -> torch.Tensor:
     """A function of the global position only, with many exact ties (broken by position)."""
-    from seft_scale.sparsity.topology import position_noise
+    from seft_scale.seft.topology import position_noise
     return torch.floor(position_noise(name, seed, pos) * levels) / levels
 
 
@@ -103,21 +107,22 @@ def topology_worker(rank, world, model_dir, global_batch):
     """(1) the real capture path: δ-gradients and window G of one global batch split over the
     ranks; (2) given identical W, δ and G (functions of the global position), one topology update
     through the backend. Returns full results from rank 0."""
-    from seft_scale.optim import SlotAdamW
-    from seft_scale.sparsity.topology import check_budget, init_slots, topology_update
+    from seft_scale.seft.optim import SlotAdamW
+    from seft_scale.seft.topology import check_budget, init_slots, topology_update
 
     seft = SeftConfig(lora_rank=2)
-    backend, model, deltas = _attach(model_dir, FSDPConfig(), seft)
+    backend, model, method = _attach(model_dir, FSDPConfig(), seft)
+    deltas, allreduce = method.deltas, backend.comm.allreduce
     opt = SlotAdamW(1e-3)
-    init_slots(deltas, 0, lambda g: opt.seed(g, 0), backend.allreduce)
+    init_slots(deltas, 0, lambda g: opt.seed(g, 0), allreduce)
     out = {"rows": {d.name: d.length // d.shape[1] for d in deltas}}
 
     # (1) one backward with capture on; this rank's share of the global batch
     per = len(global_batch) // world
     ids = global_batch[rank * per:(rank + 1) * per]
-    backend.set_dense_grad_capture(deltas, True)
-    backend.forward_backward({"input_ids": ids, "labels": ids}, 1.0 / world)
-    backend.set_dense_grad_capture(deltas, False)
+    method.set_capture(True)
+    (model(input_ids=ids, labels=ids).loss / world).backward()
+    method.set_capture(False)
     out["G"] = {d.name: _full(d.grad_acc) for d in deltas}
     out["dgrad"] = {d.name: (_full(d.pos), _full(d.values.grad)) for d in deltas}
 
@@ -126,15 +131,13 @@ def topology_worker(rank, world, model_dir, global_batch):
         for d in deltas:
             d.values.copy_(_tied_scores(d.name, 1, d.pos, 16) - 0.5)
             d.grad_acc = _tied_scores(d.name, 2, d.offset + torch.arange(d.length), 64)
-    stats = topology_update(deltas, 0.5, 2, lambda g: opt.seed(g, 2), allreduce=backend.allreduce)
-    backend.base_changed(deltas)
-    check_budget(deltas, backend.allreduce)
+    stats = topology_update(deltas, 0.5, 2, lambda g: opt.seed(g, 2), allreduce=allreduce)
+    backend.refresh([d.name for d in deltas])
+    check_budget(deltas, allreduce)
     out["stats"] = stats.totals()
     out["pos"] = {d.name: _full(d.pos) for d in deltas}
-    out["W"], out["mask"] = {}, {}
-    for d, w, mask in backend.full_matrices(deltas):
-        if rank == 0:
-            out["W"][d.name], out["mask"][d.name] = w, mask
+    out["W"] = {d.name: _full(d.effective()).view(d.shape) for d in deltas}
+    out["mask"] = {d.name: _full(d.mask).view(d.shape) for d in deltas}
     return _plain(out) if rank == 0 else {"rows": out["rows"]}
 
 
@@ -142,17 +145,18 @@ def edits_worker(rank, world, model_dir):
     """θ edits in the local shards reach FSDP's next all-gather, for two FSDP settings: fp32 with
     the gathered weights kept from forward to backward (a stale gathered copy must be dropped),
     and bf16 working weights (cast at every gather) with fp32 δ."""
-    from seft_scale.sparsity.topology import init_slots
-    from seft_scale.optim import SlotAdamW
+    from seft_scale.seft.topology import init_slots
+    from seft_scale.seft.optim import SlotAdamW
 
     results = {}
     for key, fsdp in {"fp32_keep": FSDPConfig(reshard_after_forward=False),
                       "bf16": FSDPConfig(param_dtype="bfloat16")}.items():
-        backend, model, deltas = _attach(model_dir, fsdp, SeftConfig(lora_rank=2))
-        init_slots(deltas, 0, lambda g: SlotAdamW(1e-3).seed(g, 0), backend.allreduce)
+        backend, model, method = _attach(model_dir, fsdp, SeftConfig(lora_rank=2))
+        deltas = method.deltas
+        init_slots(deltas, 0, lambda g: SlotAdamW(1e-3).seed(g, 0), backend.comm.allreduce)
         d = next(x for x in deltas if x.name.endswith("layers.0.mlp.down_proj"))
         seen = {}
-        mod = backend._modules[d.name]
+        mod = method.modules[d.name]
         mod.register_forward_pre_hook(lambda m, a: seen.__setitem__("w", m.weight.detach().clone()))
         ids = torch.arange(24).reshape(2, 12) % 50
         with torch.no_grad():
@@ -161,8 +165,9 @@ def edits_worker(rank, world, model_dir):
         with torch.no_grad():  # what a merge or an adapt prune does to this rank's rows
             d.base[d.mask] += 0.25 * (rank + 1)
             d.base[0] = 0.0
-        backend.base_changed(deltas)
-        loss = backend.forward_backward({"input_ids": ids, "labels": ids}, 1.0)
+        backend.refresh([x.name for x in deltas])
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
         theta = _full(d.base).view(d.shape)
         results[key] = {
             "gathered_dtype": str(seen["w"].dtype), "before_equal": torch.equal(before, seen["w"]),

@@ -15,7 +15,7 @@ import socket
 import traceback
 
 _PRELOAD = ["torch", "torch.distributed", "transformers", "transformers.models.llama.modeling_llama",
-            "seft_scale.train", "seft_scale.backends.dist", "deepspeed", "seft_scale.backends.zero3",
+            "seft_scale.train", "seft_scale.backends.comm", "deepspeed", "seft_scale.backends.zero3",
             "datasets"]
 _ctx = mp.get_context("forkserver")
 _ctx.set_forkserver_preload(_PRELOAD)
@@ -35,7 +35,7 @@ def _entry(fn, rank, world, port, results, args, env, timeout_s):
     try:
         import torch
         torch.set_num_threads(1)
-        from seft_scale.backends.dist import init_distributed
+        from seft_scale.backends.comm import init_distributed
         init_distributed()
         out = fn(rank, world, *args)
         results.put((rank, "ok", out))

@@ -6,13 +6,14 @@ from tests.distributed.harness import run_world
 
 
 def _gather_worker(rank, world):
-    from seft_scale.backends.dist import gather_slots, reduce_scatter_flat
+    from seft_scale.backends.comm import Comm
+    comm = Comm()
     pos = torch.arange(rank * 10, rank * 10 + rank + 1)  # uneven counts: 1, 2, 3
     vals = (pos.float() + 0.5).requires_grad_(True)
-    full_pos, full_vals = gather_slots(pos, vals)
+    full_pos, full_vals = comm.gather_slots(pos, vals)
     (full_vals * (rank + 1)).sum().backward()  # each rank's loss weights every slot by rank+1
     bounds = [(0, 4), (4, 5), (5, 9)][:world] if world == 3 else [(0, 5), (5, 9)]
-    rs = reduce_scatter_flat(torch.arange(9.0) * (rank + 1), bounds)
+    rs = comm.reduce_scatter_flat(torch.arange(9.0) * (rank + 1), bounds)
     return full_pos.tolist(), full_vals.detach().tolist(), vals.grad.tolist(), rs.tolist()
 
 
@@ -27,17 +28,17 @@ def test_gather_slots_and_grad_reduction():
 
 
 def _select_worker(rank, world, scores, k):
-    from seft_scale.backends.dist import make_allreduce
-    from seft_scale.selection import select_topk
+    from seft_scale.backends.comm import Comm
+    from seft_scale.seft.selection import select_topk
     n = len(scores)
     per = -(-n // world)
     lo, hi = min(rank * per, n), min((rank + 1) * per, n)
-    sel = select_topk([scores[lo:hi]], [torch.arange(lo, hi)], [k], True, make_allreduce())[0]
+    sel = select_topk([scores[lo:hi]], [torch.arange(lo, hi)], [k], True, Comm().allreduce)[0]
     return (torch.nonzero(sel).reshape(-1) + lo).tolist()
 
 
 def test_selector_across_real_ranks_equals_one_process():
-    from seft_scale.selection import select_topk
+    from seft_scale.seft.selection import select_topk
     g = torch.Generator().manual_seed(0)
     scores = torch.randint(0, 7, (1001,), generator=g).float() / 3
     ref = torch.nonzero(select_topk([scores], [torch.arange(1001)], [333])[0]).reshape(-1).tolist()

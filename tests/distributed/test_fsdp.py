@@ -64,8 +64,8 @@ def two_rank_run(tmp_path_factory, cache):
 
 def full_support(ckpt, report_matrices):
     """Every matrix's support reassembled from a checkpoint's per-rank files (any world size)."""
-    from seft_scale.checkpoint import load_deltas
-    from seft_scale.delta import SparseDelta
+    from seft_scale.seft.checkpoint import load_deltas
+    from seft_scale.seft.delta import SparseDelta
     deltas = [SparseDelta(name, tuple(m["shape"]), 0, torch.zeros(m["shape"][0] * m["shape"][1]),
                           m["budget"], -1) for name, m in report_matrices.items()]
     load_deltas(ckpt, deltas)

@@ -66,39 +66,38 @@ def heap_peak(fn) -> int:
 
 def measure_worker(rank, world, backend_name, model_dir, dtype="float32", zero=None, checkpointing=False):
     """Build the backend, attach SEFT, then measure resident state and the three phase peaks."""
-    from seft_scale.backends import make_backend
-    from seft_scale.backends.local import LocalBackend
+    from seft_scale.backends import LocalBackend, make_backend
     from seft_scale.config import ModelConfig, RunConfig, SeftConfig
     from seft_scale.model import find_targets
-    from seft_scale.optim import SlotAdamW
-    from seft_scale.sparsity.topology import init_slots, topology_update
-    from seft_scale.methods import attach_seft, layer_groups
+    from seft_scale.seft.method import SeftMethod, layer_groups
+    from seft_scale.seft.topology import topology_update
 
     cfg = RunConfig(model=ModelConfig(path=model_dir, dtype=dtype),
                     seft=SeftConfig(lora_rank=LORA_RANK))
     backend = LocalBackend(torch.device("cpu")) if backend_name == "local" \
         else make_backend(backend_name, cfg=cfg, ds_config=zero and ds_config(zero))
-    model, _ = backend.load_model(cfg.model)
-    deltas = attach_seft(backend, model, find_targets(model, cfg.seft.targets), cfg.seft)
+    model, _ = backend.load_model(cfg.model, path=model_dir)
+    model = backend.wrap(model)
+    method = SeftMethod(cfg, backend, model, find_targets(model, cfg.seft.targets))
+    deltas, opt, allreduce = method.deltas, method.opt, backend.comm.allreduce
     if checkpointing:  # as train.py does for train.activation_checkpointing
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    opt = SlotAdamW(1e-3)
-    init_slots(deltas, 0, lambda g: opt.seed(g, 0), backend.allreduce)
+    method.init_state()
     gen = torch.Generator().manual_seed(rank)
     ids = torch.randint(0, model.config.vocab_size, (BATCH, SEQ), generator=gen)
     batch = {"input_ids": ids, "labels": ids}
 
     def step(window: bool):
-        backend.set_dense_grad_capture(deltas, window)
-        backend.forward_backward(batch, 1.0 / world)
+        method.set_capture(window)
+        (model(**batch).loss / world).backward()
         opt.step(deltas)
 
     def update():
-        backend.set_dense_grad_capture(deltas, False)
+        method.set_capture(False)
         for group in layer_groups(deltas):  # as SeftMethod runs it
-            topology_update(group, 0.2, 1, lambda g: opt.seed(g, 1), allreduce=backend.allreduce)
-        backend.base_changed(deltas)
+            topology_update(group, 0.2, 1, lambda g: opt.seed(g, 1), allreduce=allreduce)
+        backend.refresh([d.name for d in deltas])
 
     step(False), step(True), update()  # warm-up: one-time allocations happen here
     out = {"step": heap_peak(lambda: step(False))}
@@ -108,7 +107,7 @@ def measure_worker(rank, world, backend_name, model_dir, dtype="float32", zero=N
 
     def storage_bytes(t):
         return t.untyped_storage().nbytes()
-    params = list(backend.model.parameters())
+    params = list(model.parameters())
     out["theta"] = sum(storage_bytes(p.to_local() if hasattr(p, "to_local") else getattr(p, "ds_tensor", p))
                        for p in params)
     out["persistent"] = sum(storage_bytes(p.data) for p in params if getattr(p, "ds_persist", False))

@@ -24,7 +24,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from seft_scale.config import ConfigError, load_config
+from seft_scale.config import load_config
+from seft_scale.errors import ConfigError
 from tests.conftest import ROOT
 from tests.distributed import harness
 from tests.distributed.harness import free_port, run_world
@@ -173,7 +174,7 @@ def test_zero_to_fp32_refuses_and_the_folder_says_how_to_get_the_weights(run2, t
         assert res.returncode != 0 and ("can't find" in res.stderr or "Unable to find" in res.stderr)
         assert not (tmp_path / "fp32").exists()  # nothing written, so nothing silently wrong
     readme = (ckpts / "README.md").read_text()
-    assert "zero_to_fp32.py" in readme and "python launch/export.py --run <run>" in readme
+    assert "zero_to_fp32.py" in readme and "seft-export --run <run>" in readme
     # ... and what it says works: one process, from the 2-rank checkpoint
     run_copy = tmp_path / "run"
     shutil.copytree(out2, run_copy, ignore=shutil.ignore_patterns("export", "report.json"))

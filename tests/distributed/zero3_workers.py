@@ -41,25 +41,26 @@ def topology(rank, world, model_dir, ds, updates=3):
     from seft_scale.backends.zero3 import Zero3Backend
     from seft_scale.config import load_config
     from seft_scale.model import find_targets
-    from seft_scale.optim import SlotAdamW
-    from seft_scale.sparsity.topology import check_budget, init_slots, topology_update
-    from seft_scale.methods import attach_seft
+    from seft_scale.seft.method import SeftMethod
+    from seft_scale.seft.optim import SlotAdamW
+    from seft_scale.seft.topology import check_budget, init_slots, topology_update
 
     cfg = load_config(TINY, [f"model.path={model_dir}", "prune.method=none"])
     backend = Zero3Backend(cfg, ds)
-    model, _ = backend.load_model(cfg.model)
-    deltas = attach_seft(backend, model, find_targets(model, cfg.seft.targets), cfg.seft)
+    model, _ = backend.load_model(cfg.model, path=model_dir)
+    model = backend.wrap(model)
+    method = SeftMethod(cfg, backend, model, find_targets(model, cfg.seft.targets))
+    deltas, allreduce = method.deltas, backend.comm.allreduce
     opt = SlotAdamW(1e-2)
-    init_slots(deltas, 3, lambda g: opt.seed(g, 0), backend.allreduce)
+    init_slots(deltas, 3, lambda g: opt.seed(g, 0), allreduce)
     # one global batch of 6 sequences, split over the ranks (each rank's loss is its mean: scale
     # by its share so the summed G is the global mean gradient)
     tokens = (torch.arange(6 * 32).view(6, 32) * 7919 % 300).long()
     share = torch.tensor_split(torch.arange(6), world)[rank]
-    backend.set_dense_grad_capture(deltas, True)
+    method.set_capture(True)
     for _ in range(2):  # two passes: ZeRO keeps persistent weights resident from the second on
-        backend.forward_backward({"input_ids": tokens[share], "labels": tokens[share]},
-                                 len(share) / 6 / 2)
-    backend.set_dense_grad_capture(deltas, False)
+        (model(input_ids=tokens[share], labels=tokens[share]).loss * (len(share) / 6 / 2)).backward()
+    method.set_capture(False)
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
     gathered = [n for n, p in model.named_parameters()  # ZeRO released every non-persistent weight
                 if p.ds_status != ZeroParamStatus.NOT_AVAILABLE and not p.ds_persist]
@@ -74,13 +75,13 @@ def topology(rank, world, model_dir, ds, updates=3):
             d.values = (_hashed(d.pos, u) * 1e-2).requires_grad_(True)
             d.grad_acc = _hashed(gpos, 10 + u).abs()
             d.grad_acc[gpos % 5 == 0] = 0.5  # ties, broken by position
-        topology_update(deltas, 0.5, 2, lambda g: opt.seed(g, 2), allreduce=backend.allreduce)
-        backend.base_changed(deltas)
-        check_budget(deltas, backend.allreduce)  # raises on every rank if any budget is off
+        topology_update(deltas, 0.5, 2, lambda g: opt.seed(g, 2), allreduce=allreduce)
+        backend.refresh([d.name for d in deltas])
+        check_budget(deltas, allreduce)  # raises on every rank if any budget is off
         out["updates"].append({d.name: (d.pos.numpy().copy(), d.mask.numpy().copy(),
                                         int(d.mask.sum()), len(d.pos)) for d in deltas})
     with torch.no_grad():
-        loss = backend.model(input_ids=tokens, labels=tokens).loss
+        loss = model(input_ids=tokens, labels=tokens).loss
     out["loss"] = float(loss)
     return out
 
@@ -92,18 +93,19 @@ def run(rank, world, out_dir, overrides, ds, crash_at_step=None, resume=False, d
     late_rank_s: the last rank enters train() that much later than the others."""
     from seft_scale.backends.zero3 import Zero3Backend
     from seft_scale.config import load_config
-    from seft_scale.optim import SlotAdamW
+    from seft_scale.seft.method import SeftMethod
+    from seft_scale.seft.optim import SlotAdamW
     from seft_scale.train import train
 
     cfg = load_config(TINY, overrides)
     backend = Zero3Backend(cfg, copy.deepcopy(ds))
     attached = {}
-    attach = backend.attach
+    init = SeftMethod.__init__
 
-    def recording_attach(*args, **kwargs):
-        attached["deltas"] = attach(*args, **kwargs)
-        return attached["deltas"]
-    backend.attach = recording_attach
+    def recording_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        attached["deltas"] = self.deltas
+    SeftMethod.__init__ = recording_init
     calls = {"n": 0}
     step = SlotAdamW.step
 
@@ -123,6 +125,6 @@ def run(rank, world, out_dir, overrides, ds, crash_at_step=None, resume=False, d
     except RuntimeError as e:
         return {"error": f"{type(e).__name__}: {e}", "elapsed_s": time.perf_counter() - t0}
     finally:
-        SlotAdamW.step = step
+        SlotAdamW.step, SeftMethod.__init__ = step, init
     return {"summary": summary, "state_bytes": seft_state_bytes(attached["deltas"]),
             "partition_numel": sum(d.length for d in attached["deltas"])}

@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from seft_scale.config import ConfigError, load_config
+from seft_scale.config import load_config
+from seft_scale.errors import ConfigError
 from seft_scale.methods import trainable_count
 from seft_scale.train import train
 

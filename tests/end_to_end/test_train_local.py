@@ -13,8 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from seft_scale.config import ConfigError, load_config
-from seft_scale.optim import SlotAdamW
+from seft_scale.config import load_config
+from seft_scale.errors import ConfigError
+from seft_scale.seft.optim import SlotAdamW
 from seft_scale.train import train
 
 from tests.conftest import ROOT

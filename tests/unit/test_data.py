@@ -12,9 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from seft_scale.config import ConfigError, DataConfig, RunConfig
+from seft_scale.config import DataConfig, RunConfig
+from seft_scale.errors import ConfigError
 from seft_scale.data import IGNORE_INDEX, batch_indices, build_data, tokenizer_training_text
-from seft_scale.data.blocks import _epoch_order
+from seft_scale.data.blocks import epoch_order
 from seft_scale.model import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -292,15 +293,15 @@ def test_config_resolves_paths_and_keeps_hub_names(tmp_path):
     (tmp_path / "t.txt").write_text("text")
     run = RunConfig()
     run.data.train = "t.txt"  # relative to the config file's folder
-    assert run.validate(base_dir=tmp_path).data.train == str(tmp_path / "t.txt")
+    assert run.validate().resolve_paths(tmp_path).data.train == str(tmp_path / "t.txt")
     run.data.train = "someone/some-corpus"  # no such path, no known extension: a hub name
-    assert run.validate(base_dir=tmp_path).data.train == "someone/some-corpus"
+    assert run.resolve_paths(tmp_path).data.train == "someone/some-corpus"
     run.data.validation = "./missing.txt"
     with pytest.raises(ConfigError, match="data.validation: ./missing.txt does not exist"):
-        run.validate(base_dir=tmp_path)
+        run.resolve_paths(tmp_path)
     run.data.validation, run.data.max_examples = None, 0
     with pytest.raises(ConfigError, match="data.max_examples"):
-        run.validate(base_dir=tmp_path)
+        run.validate()
 
 
 # ----------------------------------------------------------------------------------------- order
@@ -312,7 +313,7 @@ def test_batch_indices_resume_from_counter_alone():
     flat = torch.cat([torch.cat(ranks) for ranks in run])
     for epoch in range(3):  # each epoch visits every block once
         assert sorted(flat[epoch * n:(epoch + 1) * n].tolist()) == list(range(n))
-    _epoch_order.cache_clear()  # a resumed process has no memory of earlier batches
+    epoch_order.cache_clear()  # a resumed process has no memory of earlier batches
     for b in (29, 11, 0):
         for r in range(world):
             assert torch.equal(batch_indices(n, b, bs, seed=5, rank=r, world=world), run[b][r])

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from seft_scale.delta import SparseDeltaLinear, choose_kernel, linear_sparse_delta
+from seft_scale.seft.kernels import SparseDeltaLinear, choose_kernel, linear_sparse_delta
 
 
 def setup(seed=0, bias=True, k=37):

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from seft_scale.config import ConfigError, ModelConfig
+from seft_scale.config import ModelConfig
+from seft_scale.errors import ConfigError
 from seft_scale.evaluate import (evaluate_model, folder_matrices, load_tasks, model_matrices,
                                  perplexity, ppl_windows, read_ppl_texts, sparsity_report)
 from seft_scale.model import build_tiny_llama, save_model, train_tokenizer

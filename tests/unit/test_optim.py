@@ -2,8 +2,8 @@
 to the window's mean gradient."""
 import torch
 
-from seft_scale.delta import SparseDelta
-from seft_scale.optim import SlotAdamW, clip_slot_grads
+from seft_scale.seft.delta import SparseDelta
+from seft_scale.seft.optim import SlotAdamW, clip_slot_grads
 
 
 def make_delta(k=50, seed=0):

@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from seft_scale.config import ConfigError, SeftConfig
+from seft_scale.config import SeftConfig
+from seft_scale.errors import ConfigError
 from seft_scale.plan import (GIB, ModelShape, PlanInput, load_preset, plan_memory, read_shape,
                              usable_bytes)
 from tests.conftest import ROOT
@@ -96,13 +97,11 @@ def test_activation_line_is_what_a_forward_saves_for_backward(dtype):
     """The bytes a real HF Llama forward with SEFT attached keeps for backward (every tensor
     packed by autograd, by storage, except parameters, slots and the loss's own) == the plan's
     'activations'."""
-    from seft_scale.backends.local import LocalBackend
+    from seft_scale.backends import LocalBackend
     from seft_scale.config import ModelConfig, TinyModelConfig
     from seft_scale.model import build_tiny_llama, find_targets
     from seft_scale.prune.magnitude import prune_magnitude
-    from seft_scale.sparsity.topology import init_slots
-    from seft_scale.optim import SlotAdamW
-    from seft_scale.methods import attach_seft
+    from tests.helpers import seft_method
 
     tiny = TinyModelConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=3,
                            num_attention_heads=4, num_key_value_heads=2)
@@ -110,8 +109,9 @@ def test_activation_line_is_what_a_forward_saves_for_backward(dtype):
     targets = find_targets(model, SeftConfig().targets)
     prune_magnitude(targets, 0.5)
     seft = SeftConfig(lora_rank=2)
-    deltas = attach_seft(LocalBackend(torch.device("cpu")), model, targets, seft)
-    init_slots(deltas, 0, lambda g: SlotAdamW(1e-3).seed(g, 0))
+    method, model = seft_method(LocalBackend(torch.device("cpu")), model, seft)
+    method.init_state()
+    deltas = method.deltas
     B, L = 2, 24
     ids = torch.randint(0, 300, (B, L), generator=torch.Generator().manual_seed(0))
     own = {t.untyped_storage().data_ptr() for t in list(model.parameters())

@@ -3,7 +3,7 @@ for one shard and for the same data split into 2-4 shards."""
 import pytest
 import torch
 
-from seft_scale.selection import RadixSelect, score_keys, select_topk
+from seft_scale.seft.selection import RadixSelect, score_keys, select_topk
 
 
 def reference(scores: torch.Tensor, k: int, largest: bool) -> torch.Tensor:

@@ -5,10 +5,10 @@
 import pytest
 import torch
 
-from seft_scale.delta import SparseDelta
-from seft_scale.optim import SlotAdamW
-from seft_scale.sparsity.nm import nm_valid
-from seft_scale.sparsity.topology import check_budget, init_slots, topology_update
+from seft_scale.seft.delta import SparseDelta
+from seft_scale.seft.optim import SlotAdamW
+from seft_scale.sparsity import nm_valid
+from seft_scale.seft.topology import check_budget, init_slots, topology_update
 from tests.helpers import ThreadGroup, shard_bounds
 
 SHAPES = {"a": (12, 16), "b": (7, 12), "c": (16, 8)}

@@ -1,7 +1,6 @@
-"""SparseDelta (the SEFT state of one target matrix on one rank) and the linear-with-sparse-delta.
+"""The linear layer with a sparse delta: y = x·θᵀ + x·S(η,δ)ᵀ, θ frozen, gradients for x and δ.
 
-A target Linear computes y = x·θᵀ + x·S(η,δ)ᵀ where θ is the frozen pruned weight and S scatters
-K trainable fp32 values δ to flat positions η. Two kernels give the same numbers:
+Two kernels give the same numbers:
 
 * ``dense``  composes W = θ + S transiently, runs one matmul, and in backward recomposes W for the
   input gradient and forms G = gᵀx (size n) once to read the δ-gradients off it. Extra work over a
@@ -11,8 +10,8 @@ K trainable fp32 values δ to flat positions η. Two kernels give the same numbe
 
 Cost rule (``choose_kernel``): gather iff K · gather_cost_ratio < n, where gather_cost_ratio is how
 many matmul multiply-adds one gathered multiply-add costs on the device (measured by
-launch/bench_step.py; the defaults are recorded there). In selection windows the dense G is needed
-anyway, so the dense kernel runs there and hands G to a hook.
+launch/bench/bench_step.py; the defaults are recorded there). In selection windows the dense G is
+needed anyway, so the dense kernel runs there and hands G to a hook.
 """
 from __future__ import annotations
 
@@ -25,96 +24,7 @@ from torch import nn
 DenseGradHook = Callable[[torch.Tensor], None]
 
 # Elements of the [tokens, slots] intermediates the gather kernel materialises at once.
-_GATHER_CHUNK_ELEMS = 1 << 24
-
-
-class SparseDelta:
-    """The SEFT state of one target matrix held by this rank.
-
-    The rank owns the contiguous flat range [offset, offset + base.numel()) of the matrix (the whole
-    matrix on one process; a ZeRO-3 partition; an FSDP2 row block). Slots live with the rank that
-    owns their position; all slot arrays are sorted by global flat position.
-    """
-
-    def __init__(self, name: str, shape: tuple[int, int], offset: int, base: torch.Tensor,
-                 budget: int, capacity: int, mask: Optional[torch.Tensor] = None):
-        self.name = name
-        self.shape = (int(shape[0]), int(shape[1]))
-        self.offset = int(offset)
-        self.base = base  # 1-D writable view of this rank's part of θ
-        self.mask = (base != 0) if mask is None else mask  # the support M, same layout as base
-        self.budget = int(budget)  # B: |M| over all ranks, fixed for the whole run
-        self.capacity = int(capacity)  # K: slots over all ranks
-        dev = base.device
-        self.pos = torch.empty(0, dtype=torch.int64, device=dev)  # global flat positions (sorted)
-        self.values = torch.zeros(0, dtype=torch.float32, device=dev, requires_grad=True)  # δ
-        self.exp_avg = torch.zeros(0, dtype=torch.float32, device=dev)
-        self.exp_avg_sq = torch.zeros(0, dtype=torch.float32, device=dev)
-        self.age = torch.zeros(0, dtype=torch.int32, device=dev)  # optimizer steps seen by each slot
-        self.grad_acc: Optional[torch.Tensor] = None  # dense G over this shard, windows only
-        # where θ differs from the starting model (merged drops, adapt prunes): a checkpoint stores
-        # θ there only. A bitmap, not a position list, so it never outgrows the shard.
-        self.edited = torch.zeros(base.numel(), dtype=torch.bool, device=dev)
-
-    @property
-    def numel(self) -> int:
-        return self.shape[0] * self.shape[1]
-
-    @property
-    def length(self) -> int:
-        return self.base.numel()
-
-    def local_index(self, pos: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return (self.pos if pos is None else pos) - self.offset
-
-    def effective(self) -> torch.Tensor:
-        """W = θ + S on this shard, fp32 (used for sensitivity scores and export)."""
-        w = self.base.detach().to(torch.float32).clone()
-        w.index_add_(0, self.local_index(), self.values.detach())
-        return w
-
-    def _set_slots(self, pos, values, exp_avg, exp_avg_sq, age) -> None:
-        order = torch.argsort(pos)
-        self.pos = pos[order].contiguous()
-        self.values = values[order].detach().clone().requires_grad_(True)
-        self.exp_avg, self.exp_avg_sq, self.age = exp_avg[order], exp_avg_sq[order], age[order]
-
-    def keep_slots(self, keep: torch.Tensor) -> None:
-        """Remove every slot where `keep` is False."""
-        self._set_slots(self.pos[keep], self.values.detach()[keep], self.exp_avg[keep],
-                        self.exp_avg_sq[keep], self.age[keep])
-
-    def add_slots(self, pos: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                  age: torch.Tensor) -> None:
-        """New slots at `pos` (must be free), δ = 0, with the given optimizer state."""
-        self._set_slots(torch.cat([self.pos, pos]),
-                        torch.cat([self.values.detach(), torch.zeros(len(pos), device=pos.device)]),
-                        torch.cat([self.exp_avg, exp_avg]), torch.cat([self.exp_avg_sq, exp_avg_sq]),
-                        torch.cat([self.age, age]))
-
-    def record_edits(self, pos: torch.Tensor) -> None:
-        """θ was changed at these global positions."""
-        self.edited[pos - self.offset] = True
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Everything needed to resume: slots, optimizer state, support, edits of θ, window G."""
-        edited = torch.nonzero(self.edited).reshape(-1)
-        out = {"pos": self.pos, "values": self.values.detach(), "exp_avg": self.exp_avg,
-               "exp_avg_sq": self.exp_avg_sq, "age": self.age, "mask": self.mask,
-               "edited": edited + self.offset, "edited_values": self.base[edited].detach().clone()}
-        if self.grad_acc is not None:
-            out["grad_acc"] = self.grad_acc
-        return out
-
-    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        self._set_slots(sd["pos"], sd["values"], sd["exp_avg"], sd["exp_avg_sq"], sd["age"])
-        self.mask.copy_(sd["mask"])
-        idx = sd["edited"] - self.offset
-        self.edited.zero_()
-        self.edited[idx] = True
-        with torch.no_grad():
-            self.base[idx] = sd["edited_values"].to(self.base.dtype)
-        self.grad_acc = sd["grad_acc"].clone() if "grad_acc" in sd else None
+GATHER_CHUNK_ELEMS = 1 << 24
 
 
 def choose_kernel(num_slots: int, numel: int, gather_cost_ratio: float) -> str:
@@ -129,7 +39,7 @@ def _compose(weight: torch.Tensor, pos: torch.Tensor, values: torch.Tensor) -> t
 
 
 def _chunks(num_slots: int, tokens: int):
-    step = max(1, _GATHER_CHUNK_ELEMS // max(tokens, 1))
+    step = max(1, GATHER_CHUNK_ELEMS // max(tokens, 1))
     for start in range(0, num_slots, step):
         yield slice(start, min(start + step, num_slots))
 

@@ -14,8 +14,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from seft_scale.delta import SparseDelta
-from seft_scale.selection import Allreduce
+from seft_scale.seft.delta import SparseDelta
+from seft_scale.seft.selection import Allreduce
 
 
 class SlotAdamW:

@@ -1,9 +1,10 @@
-"""Drop -> grow -> adapt on this rank's shards, with exact global choices (design.md §1).
+"""Drop -> grow -> adapt on this rank's shards, with exact global choices (the cycle of the SEFT
+paper, arXiv 2505.24037, Figure 2).
 
 Every decision is a global top-k through `select_topk`, so the same G, θ and δ give the same
 positions at any world size (ties go to the lower global flat position).
 
-Decisions we took where the paper is silent (method.md §7.2), and why:
+Decisions we took where the paper is silent, and why:
 * Dropped values are merged into θ by default (`merge_dropped`): the drop picks the slots that
   moved least, not the ones that are useless, and merging keeps what they learned while freeing the
   slot to explore. Discarding (SpIEL's choice for dense models) returns a reactivated position to an
@@ -24,8 +25,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from seft_scale.delta import SparseDelta
-from seft_scale.selection import Allreduce, select_topk
+from seft_scale.seft.delta import SparseDelta
+from seft_scale.seft.selection import Allreduce, select_topk
 
 # (mean window gradient of new slots) -> (exp_avg, exp_avg_sq, age) for them
 SeedFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]

@@ -1,4 +1,4 @@
-"""Exact top-k over scores split across ranks, without gathering them (design.md §4).
+"""Exact top-k over scores split across ranks, without gathering them (a radix select, as in GPU top-k implementations).
 
 Every candidate gets a unique 63-bit key: the IEEE bits of its non-negative fp32 score in the
 high 31 bits and its inverted global flat position in the low 32, so keys order by score and

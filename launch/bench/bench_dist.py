@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""Traffic and cost of SEFT's global selection across ranks (issue 4, "Benchmark").
+"""Traffic and cost of SEFT's global selection across ranks.
 
-    python launch/bench_dist.py                      # both parts (~3-4 min on 2 CPU cores)
-    python launch/bench_dist.py --part synthetic     # 1 only;  --part tiny: 2 only
-    python launch/bench_dist.py --sizes 0.0625 0.25 1 --worlds 2 3 8 64
+    python launch/bench/bench_dist.py                    # both parts (~3-4 min on 2 CPU cores)
+    python launch/bench/bench_dist.py --part synthetic   # 1 only;  --part tiny: 2 only
+    python launch/bench/bench_dist.py --sizes 0.0625 0.25 1 --worlds 2 3 8 64
 
 1. Llama-2-7B-shaped layers, sharded in one process. The real `topology_update` (drop -> grow ->
    adapt) runs on real SparseDelta shards of one decoder layer (q,k,v,o 4096x4096, gate/up
@@ -29,7 +29,7 @@ all-gather of every candidate's fp32 score (grow: the positions without a slot; 
 adapt: the support), sends (W-1)/W·4 B·candidates per rank in a ring — a lower bound, since the
 positions of sparse candidate sets would travel too. Both come from measured counts;
 the ratio of wire bytes is 2P / (4 B·candidates) at any W > 1. A 32-layer model runs 32 such
-per-layer updates (methods.layer_groups), so its figure is 32x one layer's (and never more than
+per-layer updates (seft/method.layer_groups), so its figure is 32x one layer's (and never more than
 32x the bound of selection.rounds_needed_upper_bound() rounds per selection).
 Figures only; the targets are printed with whether this run met them.
 """
@@ -48,18 +48,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # the benchmark reuses the test harness of the checkout (tests/)
 
 import torch  # noqa: E402
 
-import seft_scale.sparsity.topology as topology  # noqa: E402
+import seft_scale.seft.topology as topology  # noqa: E402
 from seft_scale.config import SeftConfig  # noqa: E402
-from seft_scale.delta import SparseDelta  # noqa: E402
-from seft_scale.methods import slot_capacity  # noqa: E402
-from seft_scale.optim import SlotAdamW  # noqa: E402
-from seft_scale.selection import rounds_needed_upper_bound  # noqa: E402
-from seft_scale.sparsity.topology import check_budget, topology_update  # noqa: E402
+from seft_scale.seft.budget import slot_capacity  # noqa: E402
+from seft_scale.seft.delta import SparseDelta  # noqa: E402
+from seft_scale.seft.optim import SlotAdamW  # noqa: E402
+from seft_scale.seft.selection import rounds_needed_upper_bound  # noqa: E402
+from seft_scale.seft.topology import check_budget, topology_update  # noqa: E402
 
 TINY = ROOT / "configs" / "runs" / "tiny.yaml"
 LAYERS_7B = 32
@@ -315,8 +315,8 @@ def seft_bytes(deltas) -> int:
 
 def tiny_worker(rank: int, world: int, backend_name: str, out_dir: str) -> dict:
     """The tiny run through train() on a real backend whose all-reduce is wrapped to count what the
-    topology updates send; updates timed (topology_update of every layer + base_changed)."""
-    import seft_scale.methods as methods
+    topology updates send; updates timed (topology_update of every layer + refresh)."""
+    import seft_scale.seft.method as seft_method
     from seft_scale.backends import make_backend
     from seft_scale.config import load_config
     from seft_scale.train import train
@@ -325,20 +325,17 @@ def tiny_worker(rank: int, world: int, backend_name: str, out_dir: str) -> dict:
     os.dup2(log, 1), os.dup2(log, 2)  # DeepSpeed's and the trainer's prints; the table is ours
     cfg = load_config(str(TINY))
     backend = make_backend(backend_name, cfg=cfg)
-    counting = backend.allreduce = CountingAllreduce(backend.allreduce)
+    counting = backend.comm.allreduce = CountingAllreduce(backend.comm.allreduce)
     probe = {"deltas": [], "updates": {}, "step": None, "peak": 0}
 
     def wrap(owner, name, around):
         real = getattr(owner, name)
         setattr(owner, name, lambda *a, **kw: around(real, *a, **kw))
 
-    def attach(real, *a, **kw):
-        probe["deltas"] = real(*a, **kw)
-        return probe["deltas"]
-
-    def capture(real, deltas, on):  # the SEFT state peaks in selection windows (G accumulators)
-        real(deltas, on)
-        probe["peak"] = max(probe["peak"], seft_bytes(deltas))
+    def capture(real, method, on):  # the SEFT state peaks in selection windows (G accumulators)
+        real(method, on)
+        probe["deltas"] = method.deltas
+        probe["peak"] = max(probe["peak"], seft_bytes(method.deltas))
 
     def after_backward(real, method, step, lr):  # where SeftMethod runs the updates
         probe["step"], counting.traffic = step, Traffic()
@@ -349,7 +346,7 @@ def tiny_worker(rank: int, world: int, backend_name: str, out_dir: str) -> dict:
 
     def timed(count: bool):
         def around(real, *a, **kw):
-            if probe["step"] is None:  # base_changed also runs at resume: update steps only
+            if probe["step"] is None:  # refresh also runs at resume: update steps only
                 return real(*a, **kw)
             u = probe["updates"].setdefault(probe["step"], {"seconds": 0.0, "traffic": counting.traffic})
             counting.active = count
@@ -362,11 +359,10 @@ def tiny_worker(rank: int, world: int, backend_name: str, out_dir: str) -> dict:
                 counting.active = False
         return around
 
-    wrap(backend, "attach", attach)
-    wrap(backend, "set_dense_grad_capture", capture)
-    wrap(backend, "base_changed", timed(count=False))  # propagating θ edits: timed, not selection
-    wrap(methods, "topology_update", timed(count=True))
-    wrap(methods.SeftMethod, "after_backward", after_backward)
+    wrap(seft_method.SeftMethod, "set_capture", capture)
+    wrap(backend, "refresh", timed(count=False))  # propagating θ edits: timed, not selection
+    wrap(seft_method, "topology_update", timed(count=True))
+    wrap(seft_method.SeftMethod, "after_backward", after_backward)
     with labelled_selections():
         train(cfg, out_dir, backend=backend, progress=False)
     out = {"resident": seft_bytes(probe["deltas"]), "peak": probe["peak"],
@@ -381,7 +377,7 @@ def tiny_worker(rank: int, world: int, backend_name: str, out_dir: str) -> dict:
 
 def tiny_case(backend_name: str, world: int) -> dict:
     from seft_scale.config import load_config
-    from seft_scale.sparsity.schedule import in_window, is_update_step
+    from seft_scale.seft.schedule import in_window, is_update_step
     from tests.distributed.harness import run_world
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -441,7 +437,7 @@ def part_tiny(worlds) -> list[tuple[str, bool]]:
     print("  (per rank; payload and all-reduces per topology update, both layers; ring wire = "
           "2(W-1)/W x payload; all-gather = (W-1)/W x 4 B x candidates, ratio = wire / all-gather; step times: medians of "
           "metrics.jsonl; update: median over the run's updates of the slowest rank's topology_update "
-          "calls + base_changed; SEFT/rank: SparseDelta tensors at the end, peak: in a window, with G)")
+          "calls + refresh; SEFT/rank: SparseDelta tensors at the end, peak: in a window, with G)")
     return verdicts
 
 

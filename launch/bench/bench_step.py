@@ -2,8 +2,8 @@
 """Step time and trainable-state bytes: SEFT vs a PEFT LoRA of the same trainable count vs
 static-mask full fine-tuning, on the same pruned model and batch, measured in one run.
 
-    python launch/bench_step.py                       # a SmolLM2-135M-shaped random Llama, 4 layers
-    python launch/bench_step.py --model DIR --layers 0 --batch 2 --seq 512
+    python launch/bench/bench_step.py                 # a SmolLM2-135M-shaped random Llama, 4 layers
+    python launch/bench/bench_step.py --model DIR --layers 0 --batch 2 --seq 512
 
 Prints, per method, the median step time (forward + backward + optimizer), its ratio to LoRA, and
 the bytes of trainable state (values, gradients, optimizer moments; SEFT's slot indices and its
@@ -16,22 +16,17 @@ Figures only — no pass/fail: these machines are shared and noisy.
 import argparse
 import copy
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from seft_scale.backends.local import LocalBackend  # noqa: E402
-from seft_scale.config import ModelConfig, SeftConfig, TinyModelConfig  # noqa: E402
-from seft_scale.delta import linear_sparse_delta  # noqa: E402
-from seft_scale.model import build_tiny_llama, find_targets, load_model  # noqa: E402
-from seft_scale.optim import SlotAdamW  # noqa: E402
-from seft_scale.prune.masks import keep_mask  # noqa: E402
-from seft_scale.sparsity.topology import init_slots, topology_update  # noqa: E402
-from seft_scale.methods import attach_seft  # noqa: E402
+from seft_scale.backends import LocalBackend
+from seft_scale.config import ModelConfig, RunConfig, SeftConfig, TinyModelConfig
+from seft_scale.model import build_tiny_llama, find_targets, load_model
+from seft_scale.prune.masks import keep_mask
+from seft_scale.seft.kernels import linear_sparse_delta
+from seft_scale.seft.method import SeftMethod
+from seft_scale.seft.topology import topology_update
 
 TARGETS = SeftConfig().targets
 
@@ -70,15 +65,15 @@ def state_bytes(tensors) -> int:
 
 
 def bench_seft(model, batch, args):
-    cfg = SeftConfig(lora_rank=args.rank, kernel=args.kernel)
-    backend = LocalBackend(torch.device("cpu"))
-    deltas = attach_seft(backend, model, find_targets(model, TARGETS), cfg)
-    opt = SlotAdamW(1e-3)
-    init_slots(deltas, 0, lambda g: opt.seed(g, 0))
+    run = RunConfig(seft=SeftConfig(lora_rank=args.rank, kernel=args.kernel))
+    cfg = run.seft
+    method = SeftMethod(run, LocalBackend(torch.device("cpu")), model, find_targets(model, TARGETS))
+    method.init_state()
+    deltas, opt = method.deltas, method.opt
 
     def step(window: bool):
-        backend.set_dense_grad_capture(deltas, window)
-        backend.forward_backward(batch, 1.0)
+        method.set_capture(window)
+        model(**batch).loss.backward()
         opt.step(deltas)
 
     t_plain = timed(lambda: step(False), args.repeats)
@@ -92,7 +87,7 @@ def bench_seft(model, batch, args):
         for d, g in zip(deltas, saved):
             d.grad_acc = g
     t_update = timed(update, max(1, args.repeats // 2))
-    backend.set_dense_grad_capture(deltas, False)
+    method.set_capture(False)
     for d in deltas:
         d.grad_acc = None
     dT, A = cfg.update_interval, cfg.window
@@ -102,7 +97,7 @@ def bench_seft(model, batch, args):
     return {"plain": t_plain, "window": t_window, "update": t_update, "amortised": amortised,
             "trainable_params": k, "trainable_bytes": trainable, "index_bytes": k * 8,
             "mask_bytes": sum(d.mask.numel() for d in deltas),
-            "kernels": sorted({m.seft_kernel for m in backend._modules.values()})}
+            "kernels": sorted({m.seft_kernel for m in method.modules.values()})}
 
 
 def bench_lora(model, batch, args):
