@@ -12,7 +12,10 @@ from typing import Optional
 
 import torch
 from safetensors import safe_open
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig,
+                          LlamaForCausalLM, PreTrainedTokenizerFast)
 
 from seft_scale.config import ModelConfig
 from seft_scale.errors import ConfigError
@@ -40,9 +43,6 @@ def resolve_attn(name: str, device: torch.device) -> str:
 
 def train_tokenizer(text: str, vocab_size: int):
     """A byte-level BPE tokenizer trained on `text` (deterministic), wrapped for transformers."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -55,8 +55,6 @@ def train_tokenizer(text: str, vocab_size: int):
 
 
 def build_tiny_llama(cfg: ModelConfig, vocab_size: int, dtype: torch.dtype, attn: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     t = cfg.tiny
     config = LlamaConfig(
         hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
@@ -74,8 +72,6 @@ def build_tiny_llama(cfg: ModelConfig, vocab_size: int, dtype: torch.dtype, attn
 def load_model(cfg: ModelConfig, device: torch.device, train_text: Optional[str] = None,
                path: Optional[str] = None):
     """(model, tokenizer). `path` overrides cfg.path (a resumed run reloads its saved start)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     dtype, attn = resolve_dtype(cfg.dtype, device), resolve_attn(cfg.attn_implementation, device)
     path = path or cfg.path
     if path:
@@ -103,7 +99,6 @@ def skeleton(cfg: ModelConfig, path: Optional[str], vocab_size: int, dtype: torc
     from rank 0 build (FSDP2's broadcast, ZeRO-3's partitioning)."""
     with torch.device("meta"):
         if path:
-            from transformers import AutoConfig, AutoModelForCausalLM
             config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn,
                                                      trust_remote_code=cfg.trust_remote_code)

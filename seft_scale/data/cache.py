@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from seft_scale.config import DataConfig
 
@@ -58,7 +60,6 @@ def load_cached(path: Path, seq_len: int) -> Optional[tuple[dict[str, torch.Tens
     """(tensors, stats), or None when the file is missing, unreadable or inconsistent."""
     if not path.is_file():
         return None
-    from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -82,7 +83,6 @@ def load_cached(path: Path, seq_len: int) -> Optional[tuple[dict[str, torch.Tens
 
 def save_cached(path: Path, tensors: dict[str, torch.Tensor], stats: dict) -> None:
     """Write atomically: temporary file in the same folder, fsync, rename."""
-    from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     # int32 halves the file; every vocabulary fits (ids < 2^31), labels' -100 too

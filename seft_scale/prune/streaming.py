@@ -45,7 +45,11 @@ from typing import Sequence
 
 import psutil
 import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from safetensors.torch import save_file
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from seft_scale.config import PruneConfig, SeftConfig
 from seft_scale.errors import ConfigError
@@ -139,14 +143,12 @@ class _LayerShards:
         return f"model-{k + 1:05d}-of-{len(self.layers) + 1:05d}.safetensors"
 
     def write(self, k: int, tensors: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
         save_file(tensors, str(self.out / self.shard(k)), metadata={"format": "pt"})
         self.weight_map.update({key: self.shard(k) for key in tensors})
         self.total_size += _nbytes(tensors.values())
 
     def materialize(self, keys: Sequence[str]) -> int:
         """Read `keys` into the model (compute dtype, on the device); returns the bytes held."""
-        from accelerate.utils import set_module_tensor_to_device
         held = 0
         for key in keys:
             t = self.source.get(key)
@@ -157,7 +159,6 @@ class _LayerShards:
         return held
 
     def free(self, keys: Sequence[str]) -> None:
-        from accelerate.utils import set_module_tensor_to_device
         for key in keys:
             set_module_tensor_to_device(self.model, key, "meta")
 
@@ -183,8 +184,6 @@ class _LayerShards:
 def open_skeleton(model_dir: Path, dtype: torch.dtype, attn_implementation: str,
                   trust_remote_code: bool):
     """(tokenizer, model on the meta device, checkpoint reader) of an HF safetensors folder."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not (model_dir / "config.json").is_file():
         raise ConfigError(f"--model: {model_dir} is not a Hugging Face model folder (no config.json)")

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 from torch import nn
 
-from seft_scale.backends.base import Backend
 from seft_scale.config import RunConfig
 from seft_scale.errors import ConfigError
 from seft_scale.model import SafetensorsFolder
@@ -28,6 +27,9 @@ from seft_scale.seft.optim import SlotAdamW, clip_slot_grads
 from seft_scale.seft.schedule import drop_fraction, in_window, is_update_step
 from seft_scale.seft.topology import check_budget, init_slots, topology_update
 from seft_scale.sparsity import COUNTS, nm_cut_groups_over, nm_shard_groups, report_entry, shard_counts
+
+if TYPE_CHECKING:  # the method takes any backend; it needs only the protocol's names
+    from seft_scale.backends.base import Backend
 
 
 def layer_groups(deltas: Sequence[SparseDelta]) -> list[list[SparseDelta]]:
@@ -64,7 +66,7 @@ class SeftMethod:
 
     name = "seft"
 
-    def __init__(self, cfg: RunConfig, backend: Backend, model: nn.Module,
+    def __init__(self, cfg: RunConfig, backend: "Backend", model: nn.Module,
                  targets: Sequence[tuple[str, nn.Linear]], tokenizer=None):
         self.cfg, self.backend, self.comm, self.nm = cfg, backend, backend.comm, cfg.prune.nm
         s = cfg.seft
