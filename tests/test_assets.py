@@ -20,7 +20,7 @@ from seft_scale.assets import AssetError, Distribution, build_atomically, read_s
 from seft_scale.config import ModelConfig
 from seft_scale.model import build_tiny_llama, train_tokenizer
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 TEMPEST = (ROOT / "configs/data/tempest.txt").read_text()
 GGUF_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
               "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",

@@ -18,7 +18,7 @@ from seft_scale.evaluate import (evaluate_model, folder_matrices, load_tasks, mo
                                  perplexity, ppl_windows, read_ppl_texts, sparsity_report)
 from seft_scale.model import build_tiny_llama, save_model, train_tokenizer
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 TEMPEST = (ROOT / "configs/data/tempest.txt").read_text()
 LMEVAL = ROOT / "tests/fixtures/lmeval"
 TEXTS = [TEMPEST[:3000], TEMPEST[3000:5000], TEMPEST[9000:11000]]
