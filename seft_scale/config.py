@@ -143,11 +143,19 @@ class SeftConfig:
     update_interval: int = 10
     """ΔT: steps between topology updates (10 for instruction data, 60 for LM data)."""
     window: int = 5
-    """A: steps before each update over which the dense gradient is accumulated."""
+    """A: steps before each update whose gradients score grow and adapt (see window_scores)."""
+    window_scores: Literal["candidates", "dense"] = "candidates"
+    """How the window's gradients are kept (seft/window.py). candidates: at the window's first
+    micro-batch each matrix keeps its K positions of largest |G| (grow) and max(K, 2·grown) support
+    positions of smallest |W·G| (adapt), and sums G over the window there: O(K) memory. dense: fp32
+    sums over the whole shard (12 B per weight while the window is open), the exact reference."""
     drop_rate: float = 0.2
     """p0: fraction of the K slots dropped and regrown at the first update."""
     drop_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """How the drop fraction decays over the run."""
+    initial_reselection: bool = False
+    """At the first update, drop and regrow all K slots (drop fraction 1), replacing the random
+    initial placement with the window's choice as SpIEL's first selection does."""
     merge_dropped: bool = True
     """Merge a dropped slot's value into θ (True) or discard it (False); see seft/topology.py."""
     adapt_criterion: Literal["sensitivity", "magnitude"] = "sensitivity"
@@ -155,11 +163,12 @@ class SeftConfig:
     reactivation: bool = True
     """Let grow pick pruned positions. False restricts growth to the support (the paper's
     mask-constraint ablation). Always False in N:M mode."""
-    kernel: Literal["auto", "dense", "gather"] = "auto"
-    """Sparse-delta linear kernel; auto applies the cost rule of seft_scale/seft/kernels.py."""
-    gather_cost_ratio: float = 400.0
-    """Cost of one gathered multiply-add in matmul multiply-adds (cost rule: gather iff
-    K·ratio < d_in·d_out). launch/bench/bench_step.py measures it: ~400 on 2 AVX2 cores (2026-11)."""
+    kernel: Literal["auto", "sddmm", "dense"] = "auto"
+    """How δ-gradients are computed outside selection windows (seft/kernels.py): sddmm at the K
+    slot positions only, or dense through the full weight gradient; auto applies the cost rule."""
+    gather_cost_ratio: float = 10.0
+    """Cost of one sampled (SDDMM) multiply-add in matmul multiply-adds (cost rule: sddmm iff
+    K·ratio < d_in·d_out). launch/bench/bench_step.py measures it: ~10 on 2 AVX2 cores (2026-12)."""
     init_seed: int = 0
     """Seed of the initial slot placement (uniform over the support)."""
 

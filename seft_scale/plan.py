@@ -1,25 +1,26 @@
-"""Per-GPU memory of a SEFT run before it runs: the formula launch/plan.py prints and
+"""Per-GPU memory of a SEFT run before it runs: the formula seft-plan prints and
 tests/distributed/test_plan_measured.py checks against memory measured on CPU runs at 1-3 ranks.
 
 Every figure is for the worst rank (rank 0: ZeRO-3 pads each flat parameter to W·ceil(n/W); FSDP2
 gives the first ranks ceil(rows/W) rows) and follows what the code does:
 
 resident  θ shard (model dtype); SEFT slots: the SparseDelta fields pos, δ, δ-grad, Adam m and v,
-          age (dtypes read off delta.py), K/W per rank, assuming slots spread evenly over the flat
-          range; support mask and θ-edit bitmap (bool over the shard each); ZeRO-3's whole
-          copies of parameters under the persistence threshold.
+          age (dtypes read off seft/delta.py), K/W per rank, assuming slots spread evenly over the
+          flat range; ZeRO-3's whole copies of parameters under the persistence threshold. The
+          support is derived (no mask); the θ-edit bitmap (a bit per weight) is in host memory.
 step      Saved activations (HF Llama blocks; with train.activation_checkpointing each layer's input
-          plus one layer recomputed in backward),
-          every target's gathered (pos, δ) (each forward keeps them for its backward), weights
-          gathered by the sharding backend, and the sparse-delta kernel's scratch. The step's peak
-          is the larger of the end of the forward (ZeRO-3 still holds its all-gather buffers) and
-          the start of the backward (fp32 log-softmax and the gradients of it and the logits, or the kernel's
-          δ-gradient chunks plus one MLP's gradients).
-window    The fp32 dense-gradient accumulator over the shard (from the first window step to the
-          update) and one matrix's full G with its reduce-scatter buffers; the dense kernel runs.
-update    topology_update runs one decoder layer at a time; its grow phase holds, for every target
-          of the layer, candidate indices, scores, global positions and selection keys: 28 B per
-          shard element, plus one matrix's key construction (24 B per element of the largest shard).
+          plus one layer recomputed in backward), weights gathered by the sharding backend, and
+          the sparse-delta kernel's scratch for one matrix (its gathered slots, the sddmm's
+          operands). The step's peak is the larger of the end of the forward (ZeRO-3 still holds
+          its all-gather buffers) and the start of the backward (fp32 log-softmax and the
+          gradients of it and the logits, or the kernel's scratch plus one MLP's gradients).
+window    The window scores (seft.window_scores: O(K) candidates, or 12 B per weight dense) from
+          the window's first step to the update, and one matrix's full G with its reduce-scatter
+          buffers (and, for candidates, the scratch of choosing them at the first micro-batch).
+update    topology_update runs one decoder layer at a time over the candidates (or, dense, over
+          every element of the layer's shards).
+LoRA      The same run with a PEFT LoRA of the same rank (LORA_B per trainable value, the same
+          activations plus x·Aᵀ per target), for the comparison users make.
 
 Under ZeRO param offload θ's partitions and the SEFT state next to them (slots, mask, G
 accumulator, update scratch) are in host memory (backends/zero3.py); the rest stays on the GPU.
@@ -42,7 +43,7 @@ from seft_scale.config import FSDPConfig, SeftConfig, from_dict, load_config, pa
 from seft_scale.errors import ConfigError
 from seft_scale.seft.budget import slot_capacity
 from seft_scale.seft.delta import SparseDelta
-from seft_scale.seft.kernels import GATHER_CHUNK_ELEMS, choose_kernel
+from seft_scale.seft.kernels import SDDMM_BLOCK_BYTES, choose_kernel
 
 GIB = 1 << 30
 HEADROOM_GIB = 2.0  # CUDA context, cuBLAS workspaces, NCCL buffers
@@ -226,6 +227,8 @@ class PlanInput:
     """DeepSpeed zero_optimization block (zero3 only)."""
     gpus_per_node: int = 1
     """Ranks per node (host memory per node under offload)."""
+    nm: bool = False
+    """prune.pattern is N:M: growth stays inside the support, so adapt keeps no candidates."""
 
 
 @dataclass
@@ -248,6 +251,9 @@ class MemoryPlan:
     slots: int
     cpu_bytes_per_rank: float = 0.0
     checkpointed_activations: float = 0.0
+    lora_peak: float = 0.0
+    """The same run with a PEFT LoRA of rank `lora_rank` instead of SEFT (LORA_B per value)."""
+    lora_rank: int = 0
 
     @property
     def peak(self) -> float:
@@ -274,18 +280,41 @@ def _targets(shape: ModelShape, patterns: list[str]) -> list[tuple[str, int, int
     return found
 
 
-def _slot_layout() -> tuple[int, int, str]:
-    """(bytes per slot, bytes per mask element, description), read off a SparseDelta."""
+def _slot_layout() -> tuple[int, str]:
+    """(bytes per slot, description), read off a SparseDelta."""
     d = SparseDelta("probe", (1, 1), 0, torch.ones(1), 1, 1)
     fields = {"pos": d.pos, "δ": d.values, "δ-grad": d.values, "m": d.exp_avg, "v": d.exp_avg_sq,
               "age": d.age}
     desc = ", ".join(f"{k} {str(t.dtype).removeprefix('torch.')}" for k, t in fields.items())
-    return sum(t.element_size() for t in fields.values()), d.mask.element_size(), desc
+    return sum(t.element_size() for t in fields.values()), desc
+
+
+# Bytes per candidate of the window scores (seft/window.py CandidateWindow): grow keeps a local
+# index (int64), Σ G, Σ G² and the step's G (fp32); adapt a local index, Σ G and the step's G.
+GROW_CANDIDATE_B, ADAPT_CANDIDATE_B = 20, 16
+DENSE_WINDOW_B = 12  # DenseWindow: Σ G, Σ G² and the step's G, fp32, per weight of the shard
+# Scratch of choosing candidates at the window's first micro-batch, per element of the shard:
+# the pool of local indices and its global positions (int64), |G| (fp32), the selection keys and
+# the first radix round's digits (int64), the support (bool); measured ~40 B on CPU runs
+CHOOSE_B = 40
+# Scratch of a topology update per candidate (per element of the shards with dense scores), one
+# layer at a time: the filtered candidates, their global positions, selection keys and radix
+# digits (int64 each), scores (fp32) and masks; measured ~44 B on CPU runs
+UPDATE_B = 44
+# LoRA's trainable state per value (LoRA line): parameter, gradient and two fp32 Adam moments, the
+# parameter kept in fp32 (PEFT casts adapters to fp32 under autocast; DeepSpeed/FSDP keep fp32
+# masters of 16-bit ones)
+LORA_B = 16
+
+
+def _grow_bound(seft: SeftConfig, k: int) -> int:
+    """Most slots one update grows in a matrix of K slots: K at a full first reselection, else the
+    drops (p0·K) plus refills of slots adapt freed (at most the previous update's drops)."""
+    return k if seft.initial_reselection else min(k, 2 * math.ceil(seft.drop_rate * k))
 
 
 def plan_memory(inp: PlanInput) -> MemoryPlan:
     """Per-rank memory of the worst rank, by component (see the module docstring)."""
-
     s, W, be = inp.shape, inp.world, inp.backend
     if be not in BACKENDS:
         raise ConfigError(f"--backend: {be!r} is not one of {', '.join(BACKENDS)}")
@@ -303,15 +332,17 @@ def plan_memory(inp: PlanInput) -> MemoryPlan:
     zero = zero_config(inp.zero, "zero_optimization") if be == "zero3" else None
     offload = zero is not None and zero.offload_param is not None and \
         str(zero.offload_param.device).endswith("cpu")
+    sf = inp.seft
 
     def shard(rows: int, cols: int) -> int:
         """Elements rank 0 allocates for a rows x cols parameter."""
         return math.ceil(rows / W) * cols if be == "fsdp" else math.ceil(rows * cols / W)
 
-    targets = _targets(s, inp.seft.targets)
-    caps = [slot_capacity((r, c), inp.seft) for _, r, c in targets]
-    slot_b, mask_b, slot_desc = _slot_layout()
+    targets = _targets(s, sf.targets)
+    caps = [slot_capacity((r, c), sf) for _, r, c in targets]
+    slot_b, slot_desc = _slot_layout()
     n_shard = nl * sum(shard(r, c) for _, r, c in targets)
+    k_shard = nl * sum(math.ceil(k / W) for k in caps)  # slots spread evenly over the ranges
     lines: list[Line] = []
 
     def add(name: str, phase: str, nbytes: float, formula: str) -> float:
@@ -333,10 +364,10 @@ def plan_memory(inp: PlanInput) -> MemoryPlan:
         add("ZeRO-3 persistent params", "resident", persistent * e,
             f"params of <= stage3_param_persistence_threshold={zero.param_persistence_threshold} "
             f"elements, whole · {e} B")
-    seft_state = add("SEFT slots + optimizer", where, nl * sum(math.ceil(k / W) for k in caps) * slot_b,
+    seft_state = add("SEFT slots + optimizer", where, k_shard * slot_b,
                      f"K/W slots · {slot_b} B ({slot_desc})")
-    seft_state += add("support mask + θ-edit bitmap", where, 2 * n_shard * mask_b,
-                      f"2 · Σ_targets numel/W · {mask_b} B")
+    edits = add("θ-edit bitmap (host memory)", "host", n_shard / 8,
+                "Σ_targets numel/W / 8 B: a bit per weight; the support is derived, not stored")
 
     # -- a training step
     # Saved per decoder layer (HF Llama, sdpa/flash, GQA without repeating k/v): both RMSNorms'
@@ -365,10 +396,6 @@ def plan_memory(inp: PlanInput) -> MemoryPlan:
     # output (2·BLH); by then autograd has freed two of its four saved BLI activations (the
     # down_proj input, then silu(gate) and up after the product's backward)
     mlp_grads = ec * (3 * T * inter + 2 * T * H) - 2 * ec * T * inter
-    slots_all = nl * sum(caps)
-    slots_gathered = add("gathered (pos, δ) of every target", "step", slots_all * 12 if W > 1 else 0,
-                         "K_total·(8+4) B on every rank (W > 1): kept from each forward to its "
-                         "backward")
     layer_numel = sum(r * c for _, r, c in s.layer_linears()) + 2 * H
     gather_buffer = 0.0  # FSDP2's all-gather output, alive while it is copied into the params
     if be == "fsdp":
@@ -395,47 +422,75 @@ def plan_memory(inp: PlanInput) -> MemoryPlan:
         gw_fwd += gw_bwd
     else:
         gw_fwd = gw_bwd = 0.0
-    # the kernel outside windows: dense composes θ+S; gather works in chunks of ≤ 2^24 products
-    fwd_scratch = bwd_scratch = dense_compose = 0
+    # the kernel, one matrix at a time: its gathered slots (W > 1) and, in backward, the sddmm's
+    # CSR pattern, fp32 token blocks and δ-gradients, or the dense kernel's G
+    bwd_scratch = 0
     for (_, r, c), k in zip(targets, caps):
-        kernel = inp.seft.kernel if inp.seft.kernel != "auto" else \
-            choose_kernel(k, r * c, inp.seft.gather_cost_ratio)
-        chunk = min(T * k, GATHER_CHUNK_ELEMS)
-        dense_compose = max(dense_compose, r * c * ec)
-        fwd_scratch = max(fwd_scratch, r * c * ec if kernel == "dense" else 2 * ec * chunk)
-        bwd_scratch = max(bwd_scratch, r * c * ec if kernel == "dense" else 12 * chunk)
+        kernel = sf.kernel if sf.kernel != "auto" else choose_kernel(k, r * c, sf.gather_cost_ratio)
+        block = max(64, SDDMM_BLOCK_BYTES // (4 * max(r, c)))
+        sddmm_b = 32 * k + 4 * min(T, block) * (r + c) + 8 * r
+        bwd_scratch = max(bwd_scratch, (12 * k if W > 1 else 0)
+                          + (r * c * ec + 4 * k if kernel == "dense" else sddmm_b))
     add("sparse-delta kernel scratch", "step", bwd_scratch,
-        "dense: one composed θ+S; gather: 3 fp32 [tokens, slots] chunks (≤ 2^24) of the δ-grad")
-    step_peak = slots_gathered + max(  # the end of the forward, or the start of the backward
-        acts_fwd + gw_fwd + fwd_scratch,
+        "one matrix: gathered (pos, δ) 12 B·K (W > 1) + sddmm: 32 B·K + fp32 token blocks of g, x "
+        "| dense: G in compute dtype")
+    step_peak = max(  # the end of the forward, or the start of the backward
+        acts_fwd + gw_fwd,
         acts + gw_bwd + max(logits, recompute + bwd_scratch + mlp_grads, gather_buffer))
 
-    # -- selection window
-    gacc = add("G accumulator", "window", n_shard * 4, "Σ_targets numel/W · 4 B (fp32)")
+    # -- selection window: the window scores live from the window's first step to the update
+    if sf.window_scores == "dense":
+        scores = add("window scores (dense)", "window", n_shard * DENSE_WINDOW_B,
+                     f"Σ_targets numel/W · {DENSE_WINDOW_B} B (fp32 Σ G, Σ G², step G)")
+    else:
+        adapt = sf.adapt_criterion == "sensitivity" and sf.reactivation and not inp.nm
+        n_adapt = nl * sum(math.ceil(max(k, 2 * _grow_bound(sf, k)) / W) for k in caps) if adapt else 0
+        scores = add("window scores (candidates)", "window",
+                     k_shard * GROW_CANDIDATE_B + n_adapt * ADAPT_CANDIDATE_B,
+                     f"K/W grow candidates · {GROW_CANDIDATE_B} B + max(K, 2·grown)/W adapt "
+                     f"candidates · {ADAPT_CANDIDATE_B} B")
     n_max = max(r * c for _, r, c in targets)
-    g_one = n_max * ec + (n_max * 4 if ec != 4 else 0) + (math.ceil(n_max / W) * W * 4 if W > 1 else 0)
+    shard_max = max(shard(r, c) for _, r, c in targets)
+    # the fp32 shard of G is a copy unless one fp32 rank (then it is G itself)
+    g_one = n_max * ec + (shard_max * 4 if W > 1 or ec != 4 else 0) \
+        + (math.ceil(n_max / W) * W * 4 if W > 1 else 0)
+    if sf.window_scores == "candidates":
+        g_one += shard_max * CHOOSE_B
     add("one matrix's dense G", "window", g_one,
-        "largest target: G in compute dtype, its fp32 copy, reduce-scatter chunks (W > 1)")
-    window_peak = slots_gathered + max(
-        acts_fwd + gw_fwd + dense_compose,
-        acts + gw_bwd + max(logits, recompute + g_one + mlp_grads, gather_buffer))
+        "largest target: G in compute dtype, its fp32 shard, reduce-scatter chunks (W > 1)"
+        + (f", choosing candidates {CHOOSE_B} B per shard element" if sf.window_scores == "candidates" else ""))
+    window_peak = max(acts_fwd + gw_fwd,
+                      acts + gw_bwd + max(logits, recompute + g_one + mlp_grads, gather_buffer))
 
-    # -- topology update: one decoder layer at a time (SeftMethod.layer_groups), whose grow phase
-    # holds every matrix's candidates, scores, positions and keys at once
-    upd = add("topology update scratch", "update",
-              28 * (n_shard // nl) + 24 * max(shard(r, c) for _, r, c in targets),
-              "Σ_layer targets numel/W · (8 index + 4 score + 8 position + 8 key) + 24 B · largest shard")
+    # -- topology update: one decoder layer at a time (SeftMethod.layer_groups)
+    if sf.window_scores == "dense":
+        upd = add("topology update scratch", "update", UPDATE_B * (n_shard // nl),
+                  f"Σ_layer targets numel/W · {UPDATE_B} B")
+    else:
+        upd = add("topology update scratch", "update", UPDATE_B * (k_shard // nl),
+                  f"Σ_layer K/W candidates · {UPDATE_B} B")
 
     gpu_resident = sum(x.bytes for x in lines if x.phase == "resident")
-    cpu = theta + seft_state + gacc + upd if offload else 0.0
+    cpu = theta + seft_state + scores + upd if offload else 0.0
     ckpt_acts = nl * ec * T * H + per_layer + final  # layer inputs + one layer recomputed
+
+    # -- the same run with PEFT LoRA of the same rank (same backend, batch, sequence): θ, LoRA's
+    # state, the same activations plus each target's x·Aᵀ, no SEFT kernel scratch or window
+    r_lora = sf.lora_rank if sf.lora_rank is not None else max(1, round(sum(caps) / sum(a + b for _, a, b in targets)))
+    lora_state = nl * sum(math.ceil(r_lora * (a + b) / W) for _, a, b in targets) * LORA_B
+    lora_acts = acts + (nl if not inp.activation_checkpointing else 1) * len(targets) * T * r_lora * ec
+    lora_peak = sum(x.bytes for x in lines if x.name in ("θ shard", "ZeRO-3 persistent params")) \
+        * (0 if offload else 1) + lora_state + max(
+            lora_acts - final + gw_fwd,
+            lora_acts + gw_bwd + max(logits, recompute + mlp_grads, gather_buffer))
     return MemoryPlan(
         inp, lines,
         step_peak=gpu_resident + step_peak,
-        window_peak=gpu_resident + window_peak + (0 if offload else gacc),
-        update_peak=gpu_resident + (0 if offload else gacc + upd),
+        window_peak=gpu_resident + window_peak + (0 if offload else scores),
+        update_peak=gpu_resident + (0 if offload else scores + upd),
         num_params=s.num_params(), target_numel=nl * sum(r * c for _, r, c in targets),
-        slots=slots_all, cpu_bytes_per_rank=cpu, checkpointed_activations=ckpt_acts)
+        slots=nl * sum(caps), cpu_bytes_per_rank=cpu + edits, checkpointed_activations=ckpt_acts,
+        lora_peak=lora_peak, lora_rank=r_lora)
 
 
 def smallest_world(inp: PlanInput, gpu_gib: float, step: int, limit: int = 4096) -> Optional[int]:
@@ -459,13 +514,16 @@ def format_plan(plan: MemoryPlan, gpu: Optional[str] = None, gpu_gib: Optional[f
             f"  {'peak of a selection-window step':40s} {plan.window_peak / div:9.3f}",
             f"  {'peak of a topology update':40s} {plan.update_peak / div:9.3f}",
             f"  {'PEAK':40s} {plan.peak / div:9.3f}",
+            f"  {f'PEFT LoRA r={plan.lora_rank}, same run (LoRA line)':40s} {plan.lora_peak / div:9.3f}"
+            f"  SEFT / LoRA = {plan.peak / plan.lora_peak:.2f}",
             (f"  train.activation_checkpointing: true would keep activations at "
              f"{plan.checkpointed_activations / div:.3f} {unit} instead of "
              f"{plan.get('activations') / div:.3f}" if not i.activation_checkpointing else
              "  activation checkpointing on")]
     if plan.cpu_bytes_per_rank:
-        out.append(f"  host memory for offloaded θ + SEFT state: {plan.cpu_bytes_per_rank / GIB:.2f} "
-                   f"GiB per rank, {plan.cpu_bytes_per_rank * i.gpus_per_node / GIB:.1f} GiB per node")
+        out.append(f"  host memory (θ-edit bitmap; offloaded θ + SEFT state): "
+                   f"{plan.cpu_bytes_per_rank / GIB:.2f} GiB per rank, "
+                   f"{plan.cpu_bytes_per_rank * i.gpus_per_node / GIB:.1f} GiB per node")
     if gpu_gib is not None:
         usable = usable_bytes(gpu_gib)
         out.append(f"\n{gpu or 'GPU'}: {gpu_gib:g} GiB, usable {usable / GIB:.1f} GiB "

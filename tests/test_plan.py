@@ -5,6 +5,8 @@ accepts, and names bad input. (Whole-phase agreement with measured memory at 1-3
 tests/distributed/test_plan_measured.py.)"""
 import json
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -78,8 +80,14 @@ def test_shards_and_slots_by_hand():
     assert fsdp.get("θ shard") == sum(-(-r // 4) * c for r, c in rows_cols) * 4
     # q_proj: K = 1·(6+6) = 12 slots, 3 per rank, each pos int64 + δ, grad, m, v fp32 + age int32
     assert fsdp.get("SEFT slots + optimizer") == 3 * (8 + 4 * 4 + 4)
-    assert fsdp.get("support mask + θ-edit bitmap") == 2 * 2 * 6 and fsdp.get("G accumulator") == 2 * 6 * 4
-    assert zero.get("support mask + θ-edit bitmap") == 2 * 9 and zero.get("topology update scratch") == 28 * 9 + 24 * 9
+    # no mask: a bit per weight of θ's edits in host memory (2 rows of 6 at FSDP, 9 elements at ZeRO)
+    assert fsdp.get("θ-edit bitmap (host memory)") == 2 * 6 / 8 and zero.get("θ-edit bitmap (host memory)") == 9 / 8
+    # candidates: K/W = 3 grow candidates of 20 B; adapt max(K, 2·grown) = 12 of 16 B over 4 ranks
+    assert fsdp.get("window scores (candidates)") == 3 * 20 + 3 * 16
+    assert zero.get("topology update scratch") == 44 * 3
+    dense = plan_memory(PlanInput(shape=shape, seft=dataclasses.replace(seft, window_scores="dense"),
+                                  world=4, backend="fsdp", dtype="float32"))
+    assert dense.get("window scores (dense)") == 2 * 6 * 12
 
 
 def test_zero3_persistence_and_offload():

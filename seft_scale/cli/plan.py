@@ -37,13 +37,13 @@ def build_input(args) -> tuple[PlanInput, dict]:
         preset = load_preset(args.config)
         shape, seft, fsdp = preset.shape, preset.seft, preset.fsdp
         dtype, micro, seq = "bfloat16", 1, min(2048, shape.max_position_embeddings)
-        checkpointing = False
+        checkpointing, nm = False, False
     else:
         cfg = load_config(args.config, args.overrides, check_paths=False)
         shape, seft, fsdp = read_shape(args.config, preset), cfg.seft, cfg.fsdp
         dtype = "bfloat16" if cfg.model.dtype == "auto" else cfg.model.dtype
         micro, seq = cfg.train.micro_batch_size, cfg.data.seq_len
-        checkpointing = cfg.train.activation_checkpointing
+        checkpointing, nm = cfg.train.activation_checkpointing, cfg.prune.nm is not None
     dtype = DTYPE_NAMES.get(args.dtype, args.dtype) or dtype
     compute = dtype
     if args.backend == "fsdp" and not args.dtype:  # FSDP computes in param_dtype
@@ -61,7 +61,7 @@ def build_input(args) -> tuple[PlanInput, dict]:
                     seq_len=args.seq or seq,
                     reshard_after_forward=fsdp.reshard_after_forward, zero=zero,
                     activation_checkpointing=checkpointing or args.activation_checkpointing,
-                    gpus_per_node=args.world_size // nodes)
+                    gpus_per_node=args.world_size // nodes, nm=nm)
     return inp, (preset.zero_optimization if preset else {})
 
 

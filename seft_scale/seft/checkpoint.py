@@ -24,48 +24,57 @@ def delta_tensors(deltas: Sequence[SparseDelta]) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_deltas(ckpt: Path, deltas: Sequence[SparseDelta]) -> None:
-    """Restore this rank's SEFT state from a checkpoint written at any world size.
+# arrays keyed by global position: the key holding the positions, then the arrays that follow it
+_BY_POSITION = {"pos": ("values", "exp_avg", "exp_avg_sq", "age"), "zeros": (),
+                "edited": ("edited_values",), "window.grow_pos": ("window.grow_sum", "window.grow_sumsq"),
+                "window.adapt_pos": ("window.adapt_sum",)}
+_BY_RANGE = ("window.sum", "window.sumsq")  # one value per position of the shard
+
+
+def load_deltas(ckpt: Path, deltas: Sequence[SparseDelta]) -> dict[str, dict[str, torch.Tensor]]:
+    """Restore this rank's SEFT state from a checkpoint written at any world size; returns each
+    matrix's saved window scores (cut to this rank's range; empty outside a window).
 
     Each saved shard records its flat range; this rank reads, from every saved shard that overlaps
-    its own range, only the overlapping part of the support and the slots and edits that fall in
-    it (safetensors slices, never a whole matrix)."""
+    its own range, only the slots, exceptions, edits and window entries that fall in it (and
+    safetensors slices of per-position arrays, never a whole matrix)."""
     files = sorted(ckpt.glob(RANK_FILES))
     if not files:
         raise FileNotFoundError(f"{ckpt} holds no {RANK_FILES}")
     handles = [safe_open(str(f), "pt") for f in files]
+    windows = {}
     for d in deltas:
         lo, hi = d.offset, d.offset + d.length
         parts: dict[str, list[torch.Tensor]] = {}
-        mask = torch.zeros(d.length, dtype=torch.bool)
-        grad_acc = None
+        window: dict[str, torch.Tensor] = {}
         covered = 0
         for h in handles:
-            if f"{d.name}/offset" not in h.keys():
+            keys = set(h.keys())
+            if f"{d.name}/offset" not in keys:
                 raise KeyError(f"{ckpt}: no state for {d.name} (was it a target of this run?)")
+            if f"{d.name}/window.steps" in keys:
+                window["steps"] = h.get_tensor(f"{d.name}/window.steps")
             s_off, s_len = h.get_tensor(f"{d.name}/offset").tolist()
             a, b = max(lo, s_off), min(hi, s_off + s_len)
             if a >= b:
                 continue
             covered += b - a
-            mask[a - lo: b - lo] = h.get_slice(f"{d.name}/mask")[a - s_off: b - s_off]
-            if f"{d.name}/grad_acc" in h.keys():
-                if grad_acc is None:
-                    grad_acc = torch.zeros(d.length, dtype=torch.float32)
-                grad_acc[a - lo: b - lo] = h.get_slice(f"{d.name}/grad_acc")[a - s_off: b - s_off]
-            pos = h.get_tensor(f"{d.name}/pos")
-            keep = (pos >= a) & (pos < b)
-            for key in ("pos", "values", "exp_avg", "exp_avg_sq", "age"):
-                parts.setdefault(key, []).append(h.get_tensor(f"{d.name}/{key}")[keep])
-            edited = h.get_tensor(f"{d.name}/edited")
-            keep = (edited >= a) & (edited < b)
-            parts.setdefault("edited", []).append(edited[keep])
-            parts.setdefault("edited_values", []).append(h.get_tensor(f"{d.name}/edited_values")[keep])
+            for key in _BY_RANGE:
+                if f"{d.name}/{key}" in keys:
+                    parts.setdefault(key, []).append(h.get_slice(f"{d.name}/{key}")[a - s_off: b - s_off])
+            for key, companions in _BY_POSITION.items():
+                if f"{d.name}/{key}" not in keys:
+                    continue
+                pos = h.get_tensor(f"{d.name}/{key}")
+                keep = (pos >= a) & (pos < b)
+                for k in (key, *companions):
+                    parts.setdefault(k, []).append(h.get_tensor(f"{d.name}/{k}")[keep])
         if covered != d.length:
             raise ValueError(f"{ckpt}: the saved shards of {d.name} cover {covered} of this rank's "
                              f"{d.length} positions")
         state = {k: torch.cat(v).to(d.base.device) for k, v in parts.items()}
-        state["mask"] = mask.to(d.base.device)
-        if grad_acc is not None:
-            state["grad_acc"] = grad_acc.to(d.base.device)
         d.load_state_dict(state)
+        if "steps" in window:
+            window.update({k.removeprefix("window."): v for k, v in state.items() if k.startswith("window.")})
+        windows[d.name] = window
+    return windows

@@ -3,6 +3,13 @@
 The rank owns the contiguous flat range [offset, offset + length) of the matrix (the whole
 matrix on one process, a ZeRO-3 partition, an FSDP2 row block); its slots, support and window
 scores live in that range. Kernels that use the state are in seft/kernels.py.
+
+Nothing here costs a byte per weight (70B shapes: a byte per weight of the shard is ~8 GiB):
+* the support M is derived, not stored: M = {θ ≠ 0} ∪ {slot positions} ∪ `zeros`, where `zeros`
+  lists the rare support positions whose θ became exactly 0 without a slot (a dropped slot whose
+  merged value rounded to 0, or a discarded one on a reactivated position);
+* the record of θ's edits (merged drops, adapt prunes, needed to checkpoint θ as edits of the
+  starting model) is a bitmap, a bit per weight, kept in host memory (touched at updates only).
 """
 from __future__ import annotations
 
@@ -11,17 +18,44 @@ from typing import Optional
 import torch
 
 
+class Bitmap:
+    """One bit per position of a range, in host memory."""
+
+    def __init__(self, length: int):
+        self.length = length
+        self.bits = torch.zeros((length + 7) // 8, dtype=torch.uint8)
+
+    def set(self, idx: torch.Tensor) -> None:
+        """Set the bits at local positions `idx` (any device, duplicates allowed)."""
+        idx = torch.unique(idx.reshape(-1).to("cpu", torch.int64))
+        if len(idx) == 0:
+            return
+        byte, bit = idx >> 3, (idx & 7).to(torch.uint8)
+        uniq, inv = torch.unique(byte, return_inverse=True)
+        add = torch.zeros(len(uniq), dtype=torch.int32).index_add_(0, inv, (1 << bit.int()))
+        self.bits[uniq] |= add.to(torch.uint8)
+
+    def positions(self) -> torch.Tensor:
+        """The set local positions, sorted (int64, host)."""
+        nz = torch.nonzero(self.bits).reshape(-1)
+        vals = self.bits[nz].to(torch.int64)
+        bits = (vals[:, None] >> torch.arange(8)) & 1
+        return (nz[:, None] * 8 + torch.arange(8))[bits.bool()]
+
+    def clear(self) -> None:
+        self.bits.zero_()
+
+
 class SparseDelta:
     """Slots live with the rank that owns their position; slot arrays are sorted by global
     flat position."""
 
     def __init__(self, name: str, shape: tuple[int, int], offset: int, base: torch.Tensor,
-                 budget: int, capacity: int, mask: Optional[torch.Tensor] = None):
+                 budget: int = -1, capacity: int = -1):
         self.name = name
         self.shape = (int(shape[0]), int(shape[1]))
         self.offset = int(offset)
         self.base = base  # 1-D writable view of this rank's part of θ
-        self.mask = (base != 0) if mask is None else mask  # the support M, same layout as base
         self.budget = int(budget)  # B: |M| over all ranks, fixed for the whole run
         self.capacity = int(capacity)  # K: slots over all ranks
         dev = base.device
@@ -30,10 +64,9 @@ class SparseDelta:
         self.exp_avg = torch.zeros(0, dtype=torch.float32, device=dev)
         self.exp_avg_sq = torch.zeros(0, dtype=torch.float32, device=dev)
         self.age = torch.zeros(0, dtype=torch.int32, device=dev)  # optimizer steps seen by each slot
-        self.grad_acc: Optional[torch.Tensor] = None  # dense G over this shard, windows only
-        # where θ differs from the starting model (merged drops, adapt prunes): a checkpoint stores
-        # θ there only. A bitmap, not a position list, so it never outgrows the shard.
-        self.edited = torch.zeros(base.numel(), dtype=torch.bool, device=dev)
+        self.zeros = torch.empty(0, dtype=torch.int64, device=dev)  # global; see the module doc
+        self.edited = Bitmap(base.numel())  # where θ differs from the starting model
+        self.window = None  # selection-window scores (seft/window.py), in windows only
 
     @property
     def numel(self) -> int:
@@ -46,8 +79,30 @@ class SparseDelta:
     def local_index(self, pos: Optional[torch.Tensor] = None) -> torch.Tensor:
         return (self.pos if pos is None else pos) - self.offset
 
+    def support(self) -> torch.Tensor:
+        """The support M over this shard (bool, a transient of the shard's length)."""
+        m = self.base != 0
+        m[self.local_index()] = True
+        m[self.zeros - self.offset] = True
+        return m
+
+    def in_support(self, idx: torch.Tensor) -> torch.Tensor:
+        """Whether each local position of `idx` is in the support (no shard-sized transient)."""
+        pos = idx + self.offset
+        return (self.base[idx] != 0) | torch.isin(pos, self.pos) | torch.isin(pos, self.zeros)
+
+    def weights_at(self, idx: torch.Tensor) -> torch.Tensor:
+        """W = θ + S at local positions `idx`, fp32."""
+        w = self.base[idx].detach().to(torch.float32)
+        if len(self.pos):
+            pos = idx + self.offset
+            at = torch.searchsorted(self.pos, pos).clamp_(max=len(self.pos) - 1)
+            hit = self.pos[at] == pos
+            w[hit] += self.values.detach()[at[hit]]
+        return w
+
     def effective(self) -> torch.Tensor:
-        """W = θ + S on this shard, fp32 (used for sensitivity scores and export)."""
+        """W = θ + S on this shard, fp32 (used for sensitivity scores and checks)."""
         w = self.base.detach().to(torch.float32).clone()
         w.index_add_(0, self.local_index(), self.values.detach())
         return w
@@ -71,26 +126,45 @@ class SparseDelta:
                         torch.cat([self.exp_avg, exp_avg]), torch.cat([self.exp_avg_sq, exp_avg_sq]),
                         torch.cat([self.age, age]))
 
-    def record_edits(self, pos: torch.Tensor) -> None:
-        """θ was changed at these global positions."""
-        self.edited[pos - self.offset] = True
+    @torch.no_grad()
+    def remove_slots(self, drop: torch.Tensor, merge: bool) -> None:
+        """Free the slots where `drop` is True, their δ merged into θ (or discarded). A position
+        they leave at θ == 0 stays in the support (it is listed in `zeros`)."""
+        idx = self.local_index()[drop]
+        if merge:
+            self.base[idx] = (self.base[idx].to(torch.float32) + self.values.detach()[drop]) \
+                .to(self.base.dtype)
+            self.edited.set(idx)
+        gone = idx[self.base[idx] == 0] + self.offset
+        self.zeros = torch.unique(torch.cat([self.zeros, gone]))
+        self.keep_slots(~drop)
+
+    @torch.no_grad()
+    def prune(self, idx: torch.Tensor) -> None:
+        """Remove local positions `idx` from the support: θ = 0 there, slots there freed."""
+        self.base[idx] = 0
+        self.edited.set(idx)
+        pos = idx + self.offset
+        self.zeros = self.zeros[~torch.isin(self.zeros, pos)]
+        self.keep_slots(~torch.isin(self.pos, pos))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Everything needed to resume: slots, optimizer state, support, edits of θ, window G."""
-        edited = torch.nonzero(self.edited).reshape(-1)
+        """Everything needed to resume: slots, optimizer state, support exceptions, θ's edits
+        (positions and values) and the window scores (seft/window.py)."""
+        edited = self.edited.positions().to(self.base.device)
         out = {"pos": self.pos, "values": self.values.detach(), "exp_avg": self.exp_avg,
-               "exp_avg_sq": self.exp_avg_sq, "age": self.age, "mask": self.mask,
+               "exp_avg_sq": self.exp_avg_sq, "age": self.age, "zeros": self.zeros,
                "edited": edited + self.offset, "edited_values": self.base[edited].detach().clone()}
-        if self.grad_acc is not None:
-            out["grad_acc"] = self.grad_acc
+        if self.window is not None:
+            out.update({f"window.{k}": v for k, v in self.window.state_dict().items()})
         return out
 
+    @torch.no_grad()
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        """Slots, exceptions and edits of this shard (already cut to its range)."""
         self._set_slots(sd["pos"], sd["values"], sd["exp_avg"], sd["exp_avg_sq"], sd["age"])
-        self.mask.copy_(sd["mask"])
+        self.zeros = sd["zeros"]
         idx = sd["edited"] - self.offset
-        self.edited.zero_()
-        self.edited[idx] = True
-        with torch.no_grad():
-            self.base[idx] = sd["edited_values"].to(self.base.dtype)
-        self.grad_acc = sd["grad_acc"].clone() if "grad_acc" in sd else None
+        self.edited.clear()
+        self.edited.set(idx)
+        self.base[idx] = sd["edited_values"].to(self.base.dtype)

@@ -1,138 +1,168 @@
-"""The linear layer with a sparse delta: y = x·θᵀ + x·S(η,δ)ᵀ, θ frozen, gradients for x and δ.
+"""The linear layer with a sparse delta: y = x·(θ + S)ᵀ with θ frozen and S the K slots (positions
+η, fp32 values δ); gradients for x and δ only.
 
-Two kernels give the same numbers:
+Forward and input gradient run at matmul speed on the weight itself: S is written into the weight
+in place (θ_η + δ, rounded once to the weight's dtype), one matmul runs, and the K overwritten
+values are put back bit for bit. Under ZeRO-3 / FSDP2 that weight is the full copy the backend has
+just gathered for this layer, so no second n-sized copy exists; on one process it is θ itself.
 
-* ``dense``  composes W = θ + S transiently, runs one matmul, and in backward recomposes W for the
-  input gradient and forms G = gᵀx (size n) once to read the δ-gradients off it. Extra work over a
-  frozen plain Linear: one weight-gradient matmul (2·T·n flops, at matmul speed).
-* ``gather`` never forms anything of size n: the delta term and δ-gradients are gathers and
-  index_adds over the K slots (about 3·T·K multiply-adds at gather speed), in chunks.
+The δ-gradients, ∂L/∂δ_j = Σ_t g[t, row_j]·x[t, col_j], come from one of two kernels:
 
-Cost rule (``choose_kernel``): gather iff K · gather_cost_ratio < n, where gather_cost_ratio is how
-many matmul multiply-adds one gathered multiply-add costs on the device (measured by
-launch/bench/bench_step.py; the defaults are recorded there). In selection windows the dense G is
-needed anyway, so the dense kernel runs there and hands G to a hook.
+* ``sddmm``: a sampled dense-dense matmul at the K slot positions only (torch.sparse.sampled_addmm
+  on a CSR pattern of the slots: MKL on CPU, cuSPARSE on CUDA; fp32 sums, tokens in blocks that
+  keep the operands in cache). About T·K multiply-adds at gather speed; nothing of size n.
+* ``dense``: the full weight gradient G = gᵀx (2·T·n flops at matmul speed), read at the slots.
+
+Cost rule (`choose_kernel`): sddmm iff K · gather_cost_ratio < n, where the ratio is the cost of one
+sampled multiply-add in matmul multiply-adds, measured by launch/bench/bench_step.py (~10 on two
+AVX2 cores: the figures are in that script's docstring). In selection windows the dense G is needed
+anyway, so the dense kernel runs there and hands G to the window's hook.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+import contextlib
+import warnings
+from typing import Callable, Iterator, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+KERNELS = ("sddmm", "dense")
 DenseGradHook = Callable[[torch.Tensor], None]
 
-# Elements of the [tokens, slots] intermediates the gather kernel materialises at once.
-GATHER_CHUNK_ELEMS = 1 << 24
+# bytes of one [max(d_in, d_out), tokens] fp32 operand block of the SDDMM: it must stay in cache,
+# else every gathered row comes from DRAM (2-4x slower measured for d = 11008, 1024 tokens)
+SDDMM_BLOCK_BYTES = 6 << 20
+
+
+class SlotSource(Protocol):
+    """Where a target's slots come from: the method hands every target one (seft/method.py)."""
+
+    def full(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The matrix's (sorted global positions, fp32 values), from every rank's slots."""
+
+    def reduce(self, grad_full: torch.Tensor) -> torch.Tensor:
+        """This rank's slots' δ-gradients summed over ranks, from every rank's full gradients."""
 
 
 def choose_kernel(num_slots: int, numel: int, gather_cost_ratio: float) -> str:
     """The cost rule of the module docstring."""
-    return "gather" if num_slots * gather_cost_ratio < numel else "dense"
+    return "sddmm" if num_slots * gather_cost_ratio < numel else "dense"
 
 
-def _compose(weight: torch.Tensor, pos: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    w = weight.detach().reshape(-1).clone()
-    w.index_add_(0, pos, values.detach().to(w.dtype))
-    return w.view_as(weight)
+@contextlib.contextmanager
+def composed(weight: torch.Tensor, pos: torch.Tensor, values: torch.Tensor) -> Iterator[torch.Tensor]:
+    """`weight` holding θ + S while inside; θ restored exactly (the K values saved) on leaving."""
+    w = weight.data.view(-1)
+    kept = w[pos]
+    acc = torch.promote_types(w.dtype, torch.float32)  # 16-bit weights: one rounding, from fp32
+    w[pos] = (kept.to(acc) + values.detach().to(acc)).to(w.dtype)
+    try:
+        yield weight.data
+    finally:
+        w[pos] = kept
 
 
-def _chunks(num_slots: int, tokens: int):
-    step = max(1, GATHER_CHUNK_ELEMS // max(tokens, 1))
-    for start in range(0, num_slots, step):
-        yield slice(start, min(start + step, num_slots))
+def _csr_pattern(pos: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    d_out, d_in = shape
+    rows, cols = pos // d_in, pos % d_in
+    crow = torch.zeros(d_out + 1, dtype=torch.int64, device=pos.device)
+    torch.cumsum(torch.bincount(rows, minlength=d_out), 0, out=crow[1:])
+    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta"
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(crow, cols, torch.zeros(len(pos), device=pos.device),
+                                       (d_out, d_in), check_invariants=False)
+
+
+def sddmm(g2: torch.Tensor, x2: torch.Tensor, pos: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Σ_t g2[t, row_j]·x2[t, col_j] at sorted flat positions `pos`, summed in fp32 (fp64 inputs
+    in fp64)."""
+    acc = torch.promote_types(g2.dtype, torch.float32)
+    if len(pos) == 0:
+        return torch.zeros(0, dtype=acc, device=pos.device)
+    pattern = _csr_pattern(pos, shape).to(acc)
+    block = max(64, SDDMM_BLOCK_BYTES // (4 * max(shape)))
+    out = torch.zeros(len(pos), dtype=acc, device=pos.device)
+    for t0 in range(0, g2.shape[0], block):
+        gt = g2[t0:t0 + block].t().to(acc).contiguous()  # [d_out, tokens]: contiguous token rows
+        xt = x2[t0:t0 + block].t().to(acc).contiguous()  # [d_in, tokens]
+        out += torch.sparse.sampled_addmm(pattern, gt, xt.t(), beta=0.0).values()
+    return out
 
 
 class _LinearSparseDelta(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, pos, values, kernel: str, dense_grad_hook):
-        d_out, d_in = weight.shape
-        ctx.kernel, ctx.hook = kernel, dense_grad_hook
+    def forward(ctx, x, weight, bias, values, slots: SlotSource, kernel: str,
+                dense_grad_hook: Optional[DenseGradHook]):
+        ctx.slots, ctx.kernel, ctx.hook = slots, kernel, dense_grad_hook
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, weight, pos, values)
-        if kernel == "dense":
-            return F.linear(x, _compose(weight, pos, values), bias)
-        y = F.linear(x, weight, bias)
-        x2, y2 = x.reshape(-1, d_in), y.view(-1, d_out)
-        rows, cols = pos // d_in, pos % d_in
-        vals = values.detach().to(x.dtype)
-        for c in _chunks(len(pos), x2.shape[0]):
-            y2.index_add_(1, rows[c], x2[:, cols[c]] * vals[c])
+        pos, full = slots.full()
+        with composed(weight, pos, full) as w:
+            y = F.linear(x, w, bias)
+        ctx.save_for_backward(x, weight)
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, pos, values = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
         d_out, d_in = weight.shape
         g2, x2 = grad_out.reshape(-1, d_out), x.reshape(-1, d_in)
+        pos, full = ctx.slots.full()  # gathered again: no rank keeps every target's slots
         grad_x = grad_values = grad_bias = None
-        dense = ctx.kernel == "dense" or ctx.hook is not None
-        if dense:
-            if ctx.needs_input_grad[0]:
-                grad_x = grad_out @ _compose(weight, pos, values)
-            if ctx.needs_input_grad[4] or ctx.hook is not None:
+        if ctx.needs_input_grad[0]:
+            with composed(weight, pos, full) as w:
+                grad_x = grad_out @ w
+        if ctx.needs_input_grad[3] or ctx.hook is not None:
+            if ctx.kernel == "dense" or ctx.hook is not None:
                 G = g2.t() @ x2  # the dense weight gradient, [d_out, d_in]
-                grad_values = G.reshape(-1)[pos].to(values.dtype)
+                grad_full = G.reshape(-1)[pos].to(torch.promote_types(G.dtype, torch.float32))
                 if ctx.hook is not None:
                     ctx.hook(G)
-        else:
-            rows, cols = pos // d_in, pos % d_in
-            vals = values.detach().to(grad_out.dtype)
-            if ctx.needs_input_grad[0]:
-                grad_x = grad_out @ weight
-                gx2 = grad_x.view(-1, d_in)
-                for c in _chunks(len(pos), g2.shape[0]):
-                    gx2.index_add_(1, cols[c], g2[:, rows[c]] * vals[c])
-            if ctx.needs_input_grad[4]:
-                grad_values = torch.empty_like(values)
-                acc = torch.promote_types(grad_out.dtype, torch.float32)  # bf16 sums in fp32
-                for c in _chunks(len(pos), g2.shape[0]):
-                    grad_values[c] = (g2[:, rows[c]].to(acc) * x2[:, cols[c]].to(acc)).sum(0)
+                del G
+            else:
+                grad_full = sddmm(g2, x2, pos, (d_out, d_in))
+            grad_values = ctx.slots.reduce(grad_full)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = g2.sum(0)
-        return grad_x, None, grad_bias, None, grad_values, None, None
+        return grad_x, None, grad_bias, grad_values, None, None, None
 
 
 def linear_sparse_delta(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                        pos: torch.Tensor, values: torch.Tensor, kernel: str = "dense",
+                        values: torch.Tensor, slots: SlotSource, kernel: str = "sddmm",
                         dense_grad_hook: Optional[DenseGradHook] = None) -> torch.Tensor:
-    """y = x·(θ + S(pos, values))ᵀ + bias, with gradients for x, values (and bias), not θ."""
-    if kernel not in ("dense", "gather"):
-        raise ValueError(f"kernel must be 'dense' or 'gather', got {kernel!r}")
-    return _LinearSparseDelta.apply(x, weight, bias, pos, values, kernel, dense_grad_hook)
-
-
-SlotSource = Callable[[], tuple[torch.Tensor, torch.Tensor]]
+    """y = x·(θ + S)ᵀ + bias, with gradients for x, bias and this rank's slot `values`."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    return _LinearSparseDelta.apply(x, weight, bias, values, slots, kernel, dense_grad_hook)
 
 
 class SparseDeltaLinear(nn.Linear):
     """An nn.Linear whose forward adds the sparse delta. Installed by swapping the class of an
     existing Linear (`attach`), so parameter names, HF save/load and ZeRO/FSDP hooks are untouched.
+    `seft_values()` returns this rank's slot values (the autograd leaf), `seft_slots` their source."""
 
-    `slots()` returns the full (pos, values) of the matrix: the SparseDelta itself on one process,
-    slots gathered from their owners under a sharding backend.
-    """
-
+    seft_values: Callable[[], torch.Tensor]
     seft_slots: SlotSource
     seft_kernel: str
     seft_dense_grad_hook: Optional[DenseGradHook]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pos, values = self.seft_slots()
         hook = self.seft_dense_grad_hook
-        kernel = "dense" if hook is not None else self.seft_kernel
-        return linear_sparse_delta(x, self.weight, self.bias, pos, values, kernel, hook)
+        return linear_sparse_delta(x, self.weight, self.bias, self.seft_values(), self.seft_slots,
+                                   "dense" if hook is not None else self.seft_kernel, hook)
 
     @staticmethod
-    def attach(linear: nn.Linear, slots: SlotSource, kernel: str) -> "SparseDeltaLinear":
+    def attach(linear: nn.Linear, values: Callable[[], torch.Tensor], slots: SlotSource,
+               kernel: str) -> "SparseDeltaLinear":
         linear.__class__ = SparseDeltaLinear
-        linear.seft_slots, linear.seft_kernel, linear.seft_dense_grad_hook = slots, kernel, None
+        linear.seft_values, linear.seft_slots = values, slots
+        linear.seft_kernel, linear.seft_dense_grad_hook = kernel, None
         return linear  # type: ignore[return-value]
 
     def detach_delta(self) -> nn.Linear:
         """Back to a plain nn.Linear (for export)."""
-        for attr in ("seft_slots", "seft_kernel", "seft_dense_grad_hook"):
+        for attr in ("seft_values", "seft_slots", "seft_kernel", "seft_dense_grad_hook"):
             self.__dict__.pop(attr, None)
         self.__class__ = nn.Linear
         return self

@@ -2,10 +2,11 @@
 
 Per target matrix this rank holds a SparseDelta over its shard of θ. The delta enters the
 forward through SparseDeltaLinear, which gets the matrix's full (pos, δ) from the slots' owners
-(`Comm.gather_slots`; the identity on one process). In selection windows each target's dense G
-is summed over ranks into the shard layout (`Comm.reduce_scatter_flat`) and accumulated; every
-ΔT steps drop -> grow -> adapt runs one decoder layer at a time (seft/topology.py). At the end
-the deltas are merged into each rank's own shard of θ, so the backend saves a plain model.
+(`Slots`; its own on one process). In selection windows each target's dense G is summed over
+ranks into the shard layout (`Comm.reduce_scatter_flat`) and fed to its window scores
+(seft/window.py); every ΔT steps drop -> grow -> adapt runs one decoder layer at a time
+(seft/topology.py). At the end the deltas are merged into each rank's own shard of θ, so the
+backend saves a plain model.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from seft_scale.seft.delta import SparseDelta
 from seft_scale.seft.kernels import SparseDeltaLinear, choose_kernel
 from seft_scale.seft.optim import SlotAdamW, clip_slot_grads
 from seft_scale.seft.schedule import drop_fraction, in_window, is_update_step
-from seft_scale.seft.topology import check_budget, init_slots, topology_update
+from seft_scale.seft.topology import check_budget, init_slots, topology_update, update_sizes
+from seft_scale.seft.window import open_window
 from seft_scale.sparsity import COUNTS, nm_cut_groups_over, nm_shard_groups, report_entry, shard_counts
 
 if TYPE_CHECKING:  # the method takes any backend; it needs only the protocol's names
@@ -43,26 +45,32 @@ def layer_groups(deltas: Sequence[SparseDelta]) -> list[list[SparseDelta]]:
     return list(groups.values())
 
 
-def set_grad_capture(modules: dict[str, nn.Module], deltas: Sequence[SparseDelta], on: bool,
-                     to_shard) -> None:
-    """While on, each backward of a target adds `to_shard(d, G)` — its dense weight gradient,
-    summed over ranks, over this rank's shard — into d.grad_acc (fp32, allocated at the window's
-    first step)."""
-    for d in deltas:
-        mod = modules[d.name]
-        if not on:
-            mod.seft_dense_grad_hook = None
-            continue
-        if d.grad_acc is None:
-            d.grad_acc = torch.zeros(d.length, dtype=torch.float32, device=d.base.device)
+class Slots:
+    """A target's slot source for the kernel (seft/kernels.SlotSource): on one rank the
+    SparseDelta's own slots; on several, every rank's slots gathered with the slot counts cached
+    between topology updates (no collective or host sync to learn them), and the δ-gradients
+    summed back onto their owners."""
 
-        def hook(G: torch.Tensor, d: SparseDelta = d) -> None:
-            d.grad_acc.add_(to_shard(d, G).to(d.grad_acc.device, torch.float32))
-        mod.seft_dense_grad_hook = hook
+    def __init__(self, d: SparseDelta, comm, device: torch.device):
+        self.d, self.comm, self.device = d, comm, device
+        self.counts: list[int] = [0] * comm.world
+
+    def full(self) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.d
+        if not self.comm.grouped:
+            return d.pos.to(self.device), d.values.detach().to(self.device)
+        return self.comm.gather_flat(d.pos, self.counts), self.comm.gather_flat(d.values.detach(), self.counts)
+
+    def reduce(self, grad_full: torch.Tensor) -> torch.Tensor:
+        if not self.comm.grouped:
+            return grad_full.to(self.d.values.device)
+        ends = torch.tensor(self.counts).cumsum(0).tolist()
+        bounds = list(zip([0] + ends[:-1], ends))
+        return self.comm.reduce_scatter_flat(grad_full, bounds).to(self.d.values.device)
 
 
 class SeftMethod:
-    """The sparse delta: slot AdamW on δ, dense G in selection windows, drop/grow/adapt."""
+    """The sparse delta: slot AdamW on δ, window scores before each update, drop/grow/adapt."""
 
     name = "seft"
 
@@ -70,12 +78,12 @@ class SeftMethod:
                  targets: Sequence[tuple[str, nn.Linear]], tokenizer=None):
         self.cfg, self.backend, self.comm, self.nm = cfg, backend, backend.comm, cfg.prune.nm
         s = cfg.seft
+        self.restricted = self.nm is not None or not s.reactivation  # grow inside the support only
         for p in model.parameters():
             p.requires_grad_(False)
         shards = backend.shards(model, targets)
-        self.deltas = [SparseDelta(sh.name, sh.shape, sh.offset, sh.view, budget=-1, capacity=-1)
-                       for sh in shards]
-        budgets = self.comm.allreduce(torch.tensor([int(d.mask.sum()) for d in self.deltas],
+        self.deltas = [SparseDelta(sh.name, sh.shape, sh.offset, sh.view) for sh in shards]
+        budgets = self.comm.allreduce(torch.tensor([int((d.base != 0).sum()) for d in self.deltas],
                                                    dtype=torch.int64))
         for d, b in zip(self.deltas, budgets.tolist()):
             d.budget, d.capacity = b, slot_capacity(d.shape, s)
@@ -85,56 +93,103 @@ class SeftMethod:
                                   f"{d.budget} nonzeros; lower {key}")
         self.modules = {sh.name: sh.module for sh in shards}
         self.bounds = {sh.name: sh.bounds for sh in shards}
+        self.slots = {d.name: Slots(d, self.comm, backend.device) for d in self.deltas}
         for sh, d in zip(shards, self.deltas):
             kernel = s.kernel if s.kernel != "auto" else choose_kernel(
                 d.capacity, d.numel, s.gather_cost_ratio)
-            SparseDeltaLinear.attach(sh.module, lambda d=d: self.comm.gather_slots(d.pos, d.values),
-                                     kernel)
+            SparseDeltaLinear.attach(sh.module, lambda d=d: d.values, self.slots[d.name], kernel)
         t = cfg.train
         self.opt = SlotAdamW(t.lr, (t.beta1, t.beta2), t.eps, t.weight_decay)
         self.numel = sum(d.numel for d in self.deltas)
+        self._support = 0  # this rank's support positions: constant between topology updates
+        self._saved_windows: dict[str, dict] = {}  # window scores of a checkpoint, until reopened
+
+    # -- state between updates --------------------------------------------------------------------
+    def slots_changed(self) -> None:
+        """After slots moved (placement, update, resume, or a tool editing them directly): every
+        rank's slot count per matrix (one all-gather for all of them) and this rank's support
+        count, cached until the next change; other copies of θ refreshed."""
+        mine = torch.tensor([len(d.pos) for d in self.deltas], dtype=torch.int64)
+        every = self.comm.gather_flat(mine, [len(mine)] * self.comm.world).view(self.comm.world, -1)
+        for i, d in enumerate(self.deltas):
+            self.slots[d.name].counts = every[:, i].tolist()
+        self._support = sum(int(d.support().sum()) for d in self.deltas)
+        self.backend.refresh([d.name for d in self.deltas])
+
+    def _drop_fraction(self, update_step: int) -> float:
+        s, t = self.cfg.seft, self.cfg.train
+        if s.initial_reselection and update_step == s.update_interval:
+            return 1.0  # SpIEL's first selection: every random initial slot is reselected
+        return drop_fraction(update_step, t.steps, s.drop_rate, s.drop_schedule)
+
+    def _open_windows(self, update_step: int) -> None:
+        s = self.cfg.seft
+        counts = [sum(self.slots[d.name].counts) for d in self.deltas]
+        _, n_grow = update_sizes(self.deltas, self._drop_fraction(update_step), counts)
+        for d, ng in zip(self.deltas, n_grow):
+            if d.window is None:
+                d.window = open_window(d, s.window_scores, ng, self.restricted,
+                                       s.adapt_criterion == "sensitivity", self.comm.allreduce)
+                saved = self._saved_windows.pop(d.name, None)
+                if saved:  # resumed inside this window
+                    d.window.load_state_dict(saved)
+
+    def set_capture(self, on: bool) -> None:
+        """Window scores fed by every backward (each target's dense G over this rank's shard) or
+        not."""
+        dtype = self.backend.grad_dtype
+        for d in self.deltas:
+            mod = self.modules[d.name]
+            if not on:
+                mod.seft_dense_grad_hook = None
+                continue
+
+            def hook(G: torch.Tensor, d: SparseDelta = d) -> None:
+                shard = self.comm.reduce_scatter_flat(G, self.bounds[d.name], dtype)
+                d.window.add(shard.to(d.base.device, torch.float32))
+            mod.seft_dense_grad_hook = hook
 
     # -- the loop's calls -----------------------------------------------------------------------
     def init_state(self) -> None:
         for group in layer_groups(self.deltas):
-            init_slots(group, self.cfg.seft.init_seed, lambda g: self.opt.seed(g, 0),
-                       self.comm.allreduce)
+            init_slots(group, self.cfg.seft.init_seed, self.opt.seed, self.comm.allreduce)
+        self.slots_changed()
 
     def load(self, ckpt: Path) -> None:
-        load_deltas(ckpt, self.deltas)
-        self.backend.refresh([d.name for d in self.deltas])
+        """A checkpoint written at any world size; window scores saved inside a selection window
+        are restored when the next step opens the window again."""
+        self._saved_windows = load_deltas(ckpt, self.deltas)
+        self.slots_changed()
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return delta_tensors(self.deltas)
 
-    def set_capture(self, on: bool) -> None:
-        """Selection-window capture of the dense G on (every backward adds it) or off."""
-        dtype = self.backend.grad_dtype
-        set_grad_capture(self.modules, self.deltas, on, lambda d, G: self.comm.reduce_scatter_flat(
-            G, self.bounds[d.name], dtype))
-
     def before_step(self, step: int) -> dict:
         s, T = self.cfg.seft, self.cfg.train.steps
         window = in_window(step, s.update_interval, s.window, T)
+        if window:
+            self._open_windows(-(-step // s.update_interval) * s.update_interval)
         self.set_capture(window)
         return {"window": window}
 
     def after_backward(self, step: int, lr: float) -> dict:
         s, t, allreduce = self.cfg.seft, self.cfg.train, self.comm.allreduce
-        rec = {"grad_norm": clip_slot_grads(self.deltas, t.max_grad_norm, allreduce),
-               "dropped": 0, "grown": 0, "reactivated": 0, "adapt_pruned": 0}
+        norm, scale = clip_slot_grads(self.deltas, t.max_grad_norm, allreduce)
+        rec = {"grad_norm": norm, "dropped": 0, "grown": 0, "reactivated": 0, "adapt_pruned": 0}
+        if in_window(step, s.update_interval, s.window, t.steps):
+            for d in self.deltas:  # the step's G on the clipped scale of the δ-gradients
+                d.window.end_step(scale)
         self.opt.step(self.deltas, lr)
         if is_update_step(step, s.update_interval, t.steps):
             self.set_capture(False)
-            p = drop_fraction(step, t.steps, s.drop_rate, s.drop_schedule)
+            p = self._drop_fraction(step)
             for group in layer_groups(self.deltas):
-                stats = topology_update(
-                    group, p, s.window, lambda g: self.opt.seed(g, s.window),
-                    merge_dropped=s.merge_dropped, reactivation=s.reactivation,
-                    nm=self.nm is not None, criterion=s.adapt_criterion, allreduce=allreduce)
+                stats = topology_update(group, p, self.opt.seed, merge_dropped=s.merge_dropped,
+                                        restricted=self.restricted, criterion=s.adapt_criterion,
+                                        allreduce=allreduce)
                 for key, value in stats.totals().items():
                     rec[key] += value
-            self.backend.refresh([d.name for d in self.deltas])
+            self.slots_changed()
             rec["drop_fraction"] = p
         return rec
 
@@ -142,8 +197,8 @@ class SeftMethod:
         check_budget(self.deltas, self.comm.allreduce, self.nm)
 
     def local_counts(self) -> tuple[int, int]:
-        """(support positions, trainable values) held by this rank."""
-        return sum(int(d.mask.sum()) for d in self.deltas), sum(len(d.pos) for d in self.deltas)
+        """(support positions, trainable values) held by this rank (cached: no host sync)."""
+        return self._support, sum(len(d.pos) for d in self.deltas)
 
     def finish(self) -> None:
         self.set_capture(False)
@@ -157,11 +212,12 @@ class SeftMethod:
         start = SafetensorsFolder(start_dir) if start_dir is not None else None
         rows, edges = [], []
         for d in self.deltas:
+            support = d.support()
             idx = d.local_index()
             d.base[idx] = (d.base[idx].to(torch.float32) + d.values.detach()).to(d.base.dtype)
             ref = start.get_flat(f"{d.name}.weight", d.offset, d.offset + d.length) \
                 if start is not None else None
-            counts = shard_counts(d.base, d.mask, ref)
+            counts = shard_counts(d.base, support, ref)
             bad, edge = nm_shard_groups(d.base != 0, d.offset, *self.nm) if self.nm else (0, [-1] * 4)
             rows.append(counts + [bad])
             edges.append(edge)

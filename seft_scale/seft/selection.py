@@ -61,14 +61,14 @@ class RadixSelect:
         return all(self.done)
 
     def histogram(self) -> torch.Tensor:
-        """[matrices, 256] counts of the current digit among local keys still in play."""
-        hist = torch.zeros(len(self.keys), _BINS, dtype=torch.int64)
-        for i, kk in enumerate(self.in_play):
-            if self.done[i] or kk.numel() == 0:
-                continue
-            digit = (kk >> self.shift) & (_BINS - 1)
-            hist[i] = torch.bincount(digit, minlength=_BINS)
-        return hist
+        """[matrices, 256] counts of the current digit among local keys still in play: one
+        bincount for all matrices (digits offset by 256 per matrix)."""
+        m = len(self.keys)
+        parts = [((kk >> self.shift) & (_BINS - 1)) + i * _BINS for i, kk in enumerate(self.in_play)
+                 if not self.done[i] and kk.numel()]
+        if not parts:
+            return torch.zeros(m, _BINS, dtype=torch.int64)
+        return torch.bincount(torch.cat(parts), minlength=m * _BINS).view(m, _BINS).cpu()
 
     def advance(self, global_hist: torch.Tensor) -> None:
         """Fix one digit per unfinished matrix from the histogram summed over all ranks."""

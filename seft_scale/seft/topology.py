@@ -16,6 +16,7 @@ Decisions we took where the paper is silent, and why:
   smallest |W·G| (or |W|); a slot sitting on a pruned position is freed and refilled by the next
   update's grow, so the slot count never exceeds K and returns to K at the next update.
 * N:M mode grows only inside the support, which is N:M-valid and never changes; adapt is a no-op.
+* What grow and adapt rank by comes from the window scores of each matrix (seft/window.py).
 """
 from __future__ import annotations
 
@@ -27,9 +28,10 @@ import torch
 
 from seft_scale.seft.delta import SparseDelta
 from seft_scale.seft.selection import Allreduce, select_topk
+from seft_scale.sparsity import nm_shard_groups
 
-# (mean window gradient of new slots) -> (exp_avg, exp_avg_sq, age) for them
-SeedFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+# (mean gradient, mean squared gradient, steps seen) of new slots -> (exp_avg, exp_avg_sq, age)
+SeedFn = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -74,117 +76,115 @@ def init_slots(deltas: Sequence[SparseDelta], seed: int, seed_fn: SeedFn,
                allreduce: Optional[Allreduce] = None) -> None:
     """Place each matrix's K slots at positions of its support, uniformly at random (hash-keyed,
     so the placement is the same at every world size)."""
-    cand = [torch.nonzero(d.mask).reshape(-1) + d.offset for d in deltas]
+    cand = [torch.nonzero(d.support()).reshape(-1) + d.offset for d in deltas]
     scores = [position_noise(d.name, seed, c) for d, c in zip(deltas, cand)]
     chosen = select_topk(scores, cand, [d.capacity for d in deltas], True, allreduce)
     for d, c, s in zip(deltas, cand, chosen):
         new = c[s]
         d.keep_slots(torch.zeros(len(d.pos), dtype=torch.bool, device=d.pos.device))
-        d.add_slots(new, *seed_fn(torch.zeros(len(new), device=new.device)))
+        zero = torch.zeros(len(new), device=new.device)
+        d.add_slots(new, *seed_fn(zero, zero, 0))
 
 
-def topology_update(deltas: Sequence[SparseDelta], drop_fraction: float, window_steps: int,
-                    seed_fn: SeedFn, *, merge_dropped: bool = True, reactivation: bool = True,
-                    nm: bool = False, criterion: str = "sensitivity",
+def update_sizes(deltas: Sequence[SparseDelta], drop_fraction: float,
+                 counts: Sequence[int]) -> tuple[list[int], list[int]]:
+    """(slots dropped, slots grown) per matrix in an update at `drop_fraction`, given each
+    matrix's slot count over all ranks: p·K drops, and grow refills to K."""
+    n_drop = [min(int(drop_fraction * d.capacity), int(c)) for d, c in zip(deltas, counts)]
+    return n_drop, [nd + d.capacity - int(c) for nd, d, c in zip(n_drop, deltas, counts)]
+
+
+def topology_update(deltas: Sequence[SparseDelta], drop_fraction: float, seed_fn: SeedFn, *,
+                    merge_dropped: bool = True, restricted: bool = False,
+                    criterion: str = "sensitivity",
                     allreduce: Optional[Allreduce] = None) -> UpdateStats:
-    """One drop -> grow -> adapt cycle over the accumulated window gradient `grad_acc`."""
+    """One drop -> grow -> adapt cycle over each matrix's window scores (`d.window`).
+    restricted: grow inside the support only (N:M, or reactivation off)."""
     stats = UpdateStats()
     for d in deltas:
-        if d.grad_acc is None:
-            raise RuntimeError(f"{d.name}: topology update without an accumulated gradient")
-    counts = _global([[len(d.pos)] for d in deltas], allreduce)[:, 0]
-    n_drop = [min(int(drop_fraction * d.capacity), int(c)) for d, c in zip(deltas, counts)]
-    n_grow = [nd + d.capacity - int(c) for nd, d, c in zip(n_drop, deltas, counts)]
+        if d.window is None:
+            raise RuntimeError(f"{d.name}: topology update without window scores")
+    counts = _global([[len(d.pos)] for d in deltas], allreduce)[:, 0].tolist()
+    n_drop, n_grow = update_sizes(deltas, drop_fraction, counts)
 
     # DROP: the smallest |δ|
     drop = select_topk([d.values.detach().abs() for d in deltas], [d.pos for d in deltas],
                        n_drop, largest=False, allreduce=allreduce)
 
-    # GROW: the largest |G| among positions without a remaining slot
+    # GROW: the largest |Σ G| among candidates without a remaining slot
     cands = []
     for d, dr in zip(deltas, drop):
-        free = torch.ones(d.length, dtype=torch.bool, device=d.mask.device)
-        free[d.local_index()[~dr]] = False
-        if nm or not reactivation:
-            free &= d.mask
-        cands.append(torch.nonzero(free).reshape(-1))
-    grow = select_topk([d.grad_acc[c].abs() for d, c in zip(deltas, cands)],
+        cand = d.window.grow_candidates()
+        free = ~torch.isin(cand + d.offset, d.pos[~dr])
+        if restricted:
+            free &= d.in_support(cand)
+        cands.append(cand[free])
+    grow = select_topk([d.window.grad_sum(c).abs() for d, c in zip(deltas, cands)],
                        [c + d.offset for d, c in zip(deltas, cands)], n_grow, True, allreduce)
 
-    grown_local = []
-    local_stats = []
+    grown_local, local_stats = [], []
     for d, dr, c, gr in zip(deltas, drop, cands, grow):
         grow_pos = c[gr] + d.offset
         both = torch.isin(d.pos, grow_pos) & dr  # dropped and regrown: the slot just stays
         dr = dr & ~both
         grow_pos = grow_pos[~torch.isin(grow_pos, d.pos)]
         gidx = grow_pos - d.offset
-        if merge_dropped and bool(dr.any()):
-            with torch.no_grad():
-                idx = d.local_index()[dr]
-                d.base[idx] += d.values.detach()[dr].to(d.base.dtype)
-            d.record_edits(d.pos[dr])
-        d.keep_slots(~dr)
-        reactivated = int((~d.mask[gidx]).sum())
-        d.mask[gidx] = True
-        d.add_slots(grow_pos, *seed_fn(d.grad_acc[gidx] / window_steps))
+        reactivated = int((~d.in_support(gidx)).sum())
+        d.remove_slots(dr, merge_dropped)
+        mean, mean_sq = d.window.seed_stats(gidx)
+        d.add_slots(grow_pos, *seed_fn(mean, mean_sq, d.window.steps))
         grown_local.append(gidx)
         local_stats.append([int(dr.sum()), len(grow_pos), reactivated])
 
-    # ADAPT: prune the overshoot |M| - B by the smallest sensitivity |W·G| (or magnitude |W|)
-    mask_counts = _global([[int(d.mask.sum())] for d in deltas], allreduce)[:, 0]
-    excess = [int(mc) - d.budget for mc, d in zip(mask_counts, deltas)]
+    # ADAPT: prune the overshoot |M| - B by the smallest sensitivity |W·Σ G| (or magnitude |W|)
+    support_counts = _global([[int(d.support().sum())] for d in deltas], allreduce)[:, 0]
+    excess = [int(sc) - d.budget for sc, d in zip(support_counts, deltas)]
     for e, d in zip(excess, deltas):
-        if e < 0 or (nm and e > 0):
+        if e < 0 or (restricted and e > 0):
             raise AssertionError(f"{d.name}: support {d.budget + e} vs budget {d.budget}")
     pruned_counts = [0] * len(deltas)
     if any(e > 0 for e in excess):
         scores, cands = [], []
         for d, gidx in zip(deltas, grown_local):
-            eligible = d.mask.clone()
-            eligible[gidx] = False
-            idx = torch.nonzero(eligible).reshape(-1)
-            w = d.effective()[idx]
-            scores.append((w * d.grad_acc[idx]).abs() if criterion == "sensitivity" else w.abs())
-            cands.append(idx)
+            cand = d.window.adapt_candidates() if criterion == "sensitivity" else None
+            if cand is None:
+                cand = torch.nonzero(d.support()).reshape(-1)
+            cand = cand[d.in_support(cand) & ~torch.isin(cand, gidx)]
+            w = d.weights_at(cand)
+            scores.append((w * d.window.grad_sum(cand, adapt=True)).abs()
+                          if criterion == "sensitivity" else w.abs())
+            cands.append(cand)
+        eligible = _global([[len(c)] for c in cands], allreduce)[:, 0]
+        for d, e, n in zip(deltas, excess, eligible.tolist()):
+            if n < e:  # the window's candidate sizes rule this out; a bug if it happens
+                raise AssertionError(f"{d.name}: {n} adapt candidates for an overshoot of {e}")
         prune = select_topk(scores, [c + d.offset for c, d in zip(cands, deltas)], excess,
                             largest=False, allreduce=allreduce)
         for i, (d, c, pr) in enumerate(zip(deltas, cands, prune)):
-            idx = c[pr]
-            d.mask[idx] = False
-            with torch.no_grad():
-                d.base[idx] = 0
-            d.record_edits(idx + d.offset)
-            d.keep_slots(~torch.isin(d.local_index(), idx))
-            pruned_counts[i] = len(idx)
+            d.prune(c[pr])
+            pruned_counts[i] = int(pr.sum())
 
     totals = _global([ls + [p] for ls, p in zip(local_stats, pruned_counts)], allreduce)
     for d, row in zip(deltas, totals.tolist()):
         stats.dropped[d.name], stats.grown[d.name], stats.reactivated[d.name] = row[0], row[1], row[2]
         stats.adapt_pruned[d.name] = row[3]
-        d.grad_acc = None
+        d.window = None
     return stats
 
 
 def check_budget(deltas: Sequence[SparseDelta], allreduce: Optional[Allreduce] = None,
                  nm: Optional[tuple[int, int]] = None) -> None:
-    """The exact-budget invariant: |M| == B, θ and slots only inside M, at most K slots; with
-    N:M, no group of M consecutive inputs holds more than N support positions (groups lying
-    wholly inside this shard; the N:M support never changes, and is checked whole at start)."""
+    """The exact-budget invariant: |M| == B and at most K slots; with N:M, no group of M
+    consecutive inputs holds more than N support positions (groups lying wholly inside this
+    shard; the N:M support never changes, and is checked whole at start). θ and the slots lie
+    inside M by construction (M is derived from them, seft/delta.py)."""
     rows = []
     for d in deltas:
-        outside_theta = int(((d.base != 0) & ~d.mask).sum())
-        outside_slots = int((~d.mask[d.local_index()]).sum())
-        bad_groups = 0
-        if nm is not None:
-            n, m = nm
-            first = (-d.offset) % m
-            whole = (d.length - first) // m
-            bad_groups = int((d.mask[first:first + whole * m].view(whole, m).sum(1) > n).sum())
-        rows.append([int(d.mask.sum()), outside_theta, outside_slots, len(d.pos), bad_groups])
+        support = d.support()
+        bad_groups = nm_shard_groups(support, d.offset, *nm)[0] if nm is not None else 0
+        rows.append([int(support.sum()), len(d.pos), bad_groups])
     g = _global(rows, allreduce)
-    for d, (m, ot, os_, k, bg) in zip(deltas, g.tolist()):
-        if m != d.budget or ot or os_ or k > d.capacity or bg:
-            raise AssertionError(f"{d.name}: support {m} (budget {d.budget}), {ot} weights and "
-                                 f"{os_} slots outside the support, {k} slots (K={d.capacity}), "
-                                 f"{bg} N:M groups over N")
+    for d, (m, k, bg) in zip(deltas, g.tolist()):
+        if m != d.budget or k > d.capacity or bg:
+            raise AssertionError(f"{d.name}: support {m} (budget {d.budget}), {k} slots "
+                                 f"(K={d.capacity}), {bg} N:M groups over N")

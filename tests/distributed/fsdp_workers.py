@@ -109,35 +109,41 @@ def topology_worker(rank, world, model_dir, global_batch):
     through the backend. Returns full results from rank 0."""
     from seft_scale.seft.optim import SlotAdamW
     from seft_scale.seft.topology import check_budget, init_slots, topology_update
+    from seft_scale.seft.window import DenseWindow
 
     seft = SeftConfig(lora_rank=2)
     backend, model, method = _attach(model_dir, FSDPConfig(), seft)
     deltas, allreduce = method.deltas, backend.comm.allreduce
     opt = SlotAdamW(1e-3)
-    init_slots(deltas, 0, lambda g: opt.seed(g, 0), allreduce)
+    init_slots(deltas, 0, opt.seed, allreduce)
+    method.slots_changed()
     out = {"rows": {d.name: d.length // d.shape[1] for d in deltas}}
 
     # (1) one backward with capture on; this rank's share of the global batch
     per = len(global_batch) // world
     ids = global_batch[rank * per:(rank + 1) * per]
+    for d in deltas:  # dense window scores: the captured G itself, summed into this rank's rows
+        d.window = DenseWindow(d)
     method.set_capture(True)
     (model(input_ids=ids, labels=ids).loss / world).backward()
     method.set_capture(False)
-    out["G"] = {d.name: _full(d.grad_acc) for d in deltas}
+    out["G"] = {d.name: _full(d.window.step) for d in deltas}
     out["dgrad"] = {d.name: (_full(d.pos), _full(d.values.grad)) for d in deltas}
 
     # (2) identical δ and G at every world size, with ties; θ is the loaded model
     with torch.no_grad():
         for d in deltas:
             d.values.copy_(_tied_scores(d.name, 1, d.pos, 16) - 0.5)
-            d.grad_acc = _tied_scores(d.name, 2, d.offset + torch.arange(d.length), 64)
-    stats = topology_update(deltas, 0.5, 2, lambda g: opt.seed(g, 2), allreduce=allreduce)
-    backend.refresh([d.name for d in deltas])
+            d.window = DenseWindow(d)
+            d.window.add(_tied_scores(d.name, 2, d.offset + torch.arange(d.length), 64))
+            d.window.end_step(1.0)
+    stats = topology_update(deltas, 0.5, opt.seed, allreduce=allreduce)
+    method.slots_changed()
     check_budget(deltas, allreduce)
     out["stats"] = stats.totals()
     out["pos"] = {d.name: _full(d.pos) for d in deltas}
     out["W"] = {d.name: _full(d.effective()).view(d.shape) for d in deltas}
-    out["mask"] = {d.name: _full(d.mask).view(d.shape) for d in deltas}
+    out["mask"] = {d.name: _full(d.support()).view(d.shape) for d in deltas}
     return _plain(out) if rank == 0 else {"rows": out["rows"]}
 
 
@@ -153,7 +159,8 @@ def edits_worker(rank, world, model_dir):
                       "bf16": FSDPConfig(param_dtype="bfloat16")}.items():
         backend, model, method = _attach(model_dir, fsdp, SeftConfig(lora_rank=2))
         deltas = method.deltas
-        init_slots(deltas, 0, lambda g: SlotAdamW(1e-3).seed(g, 0), backend.comm.allreduce)
+        init_slots(deltas, 0, SlotAdamW(1e-3).seed, backend.comm.allreduce)
+        method.slots_changed()
         d = next(x for x in deltas if x.name.endswith("layers.0.mlp.down_proj"))
         seen = {}
         mod = method.modules[d.name]
@@ -163,7 +170,7 @@ def edits_worker(rank, world, model_dir):
             model(input_ids=ids)  # gathers; with reshard_after_forward=False the copy stays
         before = seen["w"]
         with torch.no_grad():  # what a merge or an adapt prune does to this rank's rows
-            d.base[d.mask] += 0.25 * (rank + 1)
+            d.base[d.support()] += 0.25 * (rank + 1)
             d.base[0] = 0.0
         backend.refresh([x.name for x in deltas])
         loss = model(input_ids=ids, labels=ids).loss

@@ -113,9 +113,14 @@ def test_topology_updates_pick_the_same_positions_at_1_2_3_ranks(run2):
                 assert torch.equal(got["updates"][u][name][1], mask), (world, u, name)
 
 
-def test_two_ranks_match_one_rank_with_the_same_global_batch(run2, tmp_path):
-    out2, res2 = run2
-    res1 = run_world(run, 1, tmp_path / "run1", RUN + ["train.grad_accum=2"], PARTITIONED)
+def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
+    # dense window scores: 1 rank accumulates the 2 micro-batches that 2 ranks run one each, and
+    # candidates are chosen from a window's first micro-batch (seft/window.py); with dense scores
+    # both see the same summed gradients, so their topologies agree bit for bit
+    dense = RUN + ["seft.window_scores=dense"]
+    out2 = tmp_path / "run2"
+    res2 = run_world(run, 2, out2, dense, ds_config())
+    res1 = run_world(run, 1, tmp_path / "run1", dense + ["train.grad_accum=2"], PARTITIONED)
     m1, m2 = _metrics(tmp_path / "run1"), _metrics(out2)
     assert [r["step"] for r in m2] == list(range(1, 13))
     for a, b in zip(m1, m2):

@@ -24,8 +24,9 @@ def seft_state_bytes(deltas) -> int:
     """Bytes of SEFT state on this rank: support mask, slots, optimizer state, window G."""
     total = 0
     for d in deltas:
-        for t in (d.mask, d.pos, d.values, d.exp_avg, d.exp_avg_sq, d.age, d.grad_acc):
-            total += 0 if t is None else t.numel() * t.element_size()
+        window = d.window.state_dict().values() if d.window is not None else ()
+        for t in (d.pos, d.values, d.exp_avg, d.exp_avg_sq, d.age, d.zeros, d.edited.bits, *window):
+            total += t.numel() * t.element_size()
     return total
 
 
@@ -44,6 +45,7 @@ def topology(rank, world, model_dir, ds, updates=3):
     from seft_scale.seft.method import SeftMethod
     from seft_scale.seft.optim import SlotAdamW
     from seft_scale.seft.topology import check_budget, init_slots, topology_update
+    from seft_scale.seft.window import DenseWindow
 
     cfg = load_config(TINY, [f"model.path={model_dir}", "prune.method=none"])
     backend = Zero3Backend(cfg, ds)
@@ -52,11 +54,14 @@ def topology(rank, world, model_dir, ds, updates=3):
     method = SeftMethod(cfg, backend, model, find_targets(model, cfg.seft.targets))
     deltas, allreduce = method.deltas, backend.comm.allreduce
     opt = SlotAdamW(1e-2)
-    init_slots(deltas, 3, lambda g: opt.seed(g, 0), allreduce)
+    init_slots(deltas, 3, opt.seed, allreduce)
+    method.slots_changed()
     # one global batch of 6 sequences, split over the ranks (each rank's loss is its mean: scale
     # by its share so the summed G is the global mean gradient)
     tokens = (torch.arange(6 * 32).view(6, 32) * 7919 % 300).long()
     share = torch.tensor_split(torch.arange(6), world)[rank]
+    for d in deltas:  # dense window scores: the captured G itself, summed into this rank's range
+        d.window = DenseWindow(d)
     method.set_capture(True)
     for _ in range(2):  # two passes: ZeRO keeps persistent weights resident from the second on
         (model(input_ids=tokens[share], labels=tokens[share]).loss * (len(share) / 6 / 2)).backward()
@@ -65,7 +70,7 @@ def topology(rank, world, model_dir, ds, updates=3):
     gathered = [n for n, p in model.named_parameters()  # ZeRO released every non-persistent weight
                 if p.ds_status != ZeroParamStatus.NOT_AVAILABLE and not p.ds_persist]
     # results go back as numpy: torch tensors would travel as shared memory that dies with the rank
-    captured = {d.name: d.grad_acc.numpy().copy() for d in deltas}
+    captured = {d.name: d.window.step.numpy().copy() for d in deltas}
     out = {"offsets": {d.name: (d.offset, d.length) for d in deltas}, "G": captured, "updates": [],
            "gathered_after_backward": gathered,
            "partition_device": {d.base.device.type for d in deltas}}
@@ -73,13 +78,16 @@ def topology(rank, world, model_dir, ds, updates=3):
         for d in deltas:
             gpos = torch.arange(d.length) + d.offset
             d.values = (_hashed(d.pos, u) * 1e-2).requires_grad_(True)
-            d.grad_acc = _hashed(gpos, 10 + u).abs()
-            d.grad_acc[gpos % 5 == 0] = 0.5  # ties, broken by position
-        topology_update(deltas, 0.5, 2, lambda g: opt.seed(g, 2), allreduce=allreduce)
-        backend.refresh([d.name for d in deltas])
+            g = _hashed(gpos, 10 + u).abs()
+            g[gpos % 5 == 0] = 0.5  # ties, broken by position
+            d.window = DenseWindow(d)
+            d.window.add(g)
+            d.window.end_step(1.0)
+        topology_update(deltas, 0.5, opt.seed, allreduce=allreduce)
+        method.slots_changed()
         check_budget(deltas, allreduce)  # raises on every rank if any budget is off
-        out["updates"].append({d.name: (d.pos.numpy().copy(), d.mask.numpy().copy(),
-                                        int(d.mask.sum()), len(d.pos)) for d in deltas})
+        out["updates"].append({d.name: (d.pos.numpy().copy(), d.support().numpy().copy(),
+                                        int(d.support().sum()), len(d.pos)) for d in deltas})
     with torch.no_grad():
         loss = model(input_ids=tokens, labels=tokens).loss
     out["loss"] = float(loss)

@@ -1,13 +1,27 @@
-"""Invariant: the sparse-delta linear equals a dense reference (values and grads) with both
-kernels, and the dense gradient handed to the selection hook is the true dW."""
+"""Invariant: the sparse-delta linear equals a dense reference (output, input and δ gradients)
+with both kernels, in fp64 to 1e-12 and in bf16 within bf16 rounding; θ is restored bit for bit
+after every forward and backward; the selection hook receives the true dense dW."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from seft_scale.seft.kernels import SparseDeltaLinear, choose_kernel, linear_sparse_delta
+from seft_scale.seft.kernels import SparseDeltaLinear, choose_kernel, linear_sparse_delta, sddmm
 
 
-def setup(seed=0, bias=True, k=37):
+class LocalSlots:
+    """A slot source holding the whole matrix's slots (one process)."""
+
+    def __init__(self, pos, values):
+        self.pos, self.values = pos, values
+
+    def full(self):
+        return self.pos, self.values.detach()
+
+    def reduce(self, grad_full):
+        return grad_full
+
+
+def setup(seed=0, bias=True, k=37, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(24, 40, generator=g, dtype=torch.float64)
     w[torch.rand(24, 40, generator=g) < 0.5] = 0
@@ -15,32 +29,69 @@ def setup(seed=0, bias=True, k=37):
     pos = torch.randperm(24 * 40, generator=g)[:k].sort().values
     vals = torch.randn(k, generator=g, dtype=torch.float64)
     x = torch.randn(3, 5, 40, generator=g, dtype=torch.float64)
-    return x, w, b, pos, vals
+    cast = (lambda t: None if t is None else t.to(dtype))
+    return cast(x), cast(w), cast(b), pos, vals if dtype == torch.float64 else vals.float()
 
 
-@pytest.mark.parametrize("kernel", ["dense", "gather"])
+def reference(x, w, b, pos, vals, g_out):
+    dense = torch.zeros(w.numel(), dtype=torch.float64)
+    dense[pos] = vals.double()
+    dense.requires_grad_(True)
+    xr = x.double().clone().requires_grad_(True)
+    br = b.double().clone().requires_grad_(True) if b is not None else None
+    y = F.linear(xr, w.double() + dense.view(w.shape), br)
+    y.backward(g_out.double())
+    return y, xr.grad, dense.grad[pos], br.grad if b is not None else None
+
+
+@pytest.mark.parametrize("kernel", ["dense", "sddmm"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_matches_dense_reference(kernel, bias):
     x, w, b, pos, vals = setup(bias=bias)
-    # reference: a dense trainable delta, only the slot entries read out
-    dense = torch.zeros(24 * 40, dtype=torch.float64)
-    dense[pos] = vals
-    dense.requires_grad_(True)
-    xr = x.clone().requires_grad_(True)
-    br = b.clone().requires_grad_(True) if bias else None
-    y_ref = F.linear(xr, w + dense.view(24, 40), br)
-    g_out = torch.randn_like(y_ref)
-    y_ref.backward(g_out)
-
+    w0 = w.clone()
+    g_out = torch.randn(3, 5, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y_ref, gx_ref, gv_ref, gb_ref = reference(x, w, b, pos, vals, g_out)
     xs, vs = x.clone().requires_grad_(True), vals.clone().requires_grad_(True)
     bs = b.clone().requires_grad_(True) if bias else None
-    y = linear_sparse_delta(xs, w, bs, pos, vs, kernel)
+    y = linear_sparse_delta(xs, w, bs, vs, LocalSlots(pos, vs), kernel)
+    assert torch.equal(w, w0)  # θ restored after the forward ...
     y.backward(g_out)
+    assert torch.equal(w, w0)  # ... and after the backward
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(xs.grad, xr.grad, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(vs.grad, dense.grad[pos], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(xs.grad, gx_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(vs.grad, gv_ref, rtol=1e-12, atol=1e-12)
     if bias:
-        torch.testing.assert_close(bs.grad, br.grad)
+        torch.testing.assert_close(bs.grad, gb_ref)
+
+
+@pytest.mark.parametrize("kernel", ["dense", "sddmm"])
+def test_bf16_within_rounding_and_delta_grads_summed_in_fp32(kernel):
+    x, w, b, pos, vals = setup(dtype=torch.bfloat16)
+    w0 = w.clone()
+    g_out = torch.randn(3, 5, 24, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    y_ref, gx_ref, gv_ref, _ = reference(x, w, b, pos, vals, g_out)
+    xs, vs = x.clone().requires_grad_(True), vals.clone().requires_grad_(True)
+    y = linear_sparse_delta(xs, w, b, vs, LocalSlots(pos, vs), kernel)
+    y.backward(g_out)
+    assert torch.equal(w, w0) and vs.grad.dtype == torch.float32
+    torch.testing.assert_close(y.double(), y_ref, rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(xs.grad.double(), gx_ref, rtol=2e-2, atol=5e-2)
+    # the δ-gradients are exact sums of bf16 products: only the dense kernel's bf16 G rounds
+    tol = dict(rtol=1e-5, atol=1e-5) if kernel == "sddmm" else dict(rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(vs.grad.double(), gv_ref, **tol)
+
+
+def test_sddmm_over_token_blocks_equals_dense():
+    g = torch.Generator().manual_seed(3)
+    x2, g2 = torch.randn(700, 64, generator=g), torch.randn(700, 48, generator=g)
+    pos = torch.randperm(48 * 64, generator=g)[:300].sort().values
+    import seft_scale.seft.kernels as kernels
+    old, kernels.SDDMM_BLOCK_BYTES = kernels.SDDMM_BLOCK_BYTES, 64 * 4 * 64  # 64-token blocks
+    try:
+        got = sddmm(g2, x2, pos, (48, 64))
+    finally:
+        kernels.SDDMM_BLOCK_BYTES = old
+    torch.testing.assert_close(got, (g2.t() @ x2).reshape(-1)[pos], rtol=1e-5, atol=1e-4)
 
 
 def test_hook_receives_dense_weight_gradient():
@@ -51,11 +102,24 @@ def test_hook_receives_dense_weight_gradient():
     g_out = torch.randn_like(y_ref)
     y_ref.backward(g_out)
     vs = vals.clone().requires_grad_(True)
-    # the hook forces the dense path even when the gather kernel was chosen
-    linear_sparse_delta(x, w, b, pos, vs, "gather", seen.append).backward(g_out)
+    # the hook forces the dense path even when the sddmm kernel was chosen
+    linear_sparse_delta(x, w, b, vs, LocalSlots(pos, vs), "sddmm", seen.append).backward(g_out)
     assert len(seen) == 1
     torch.testing.assert_close(seen[0], wr.grad)
     torch.testing.assert_close(vs.grad, wr.grad.reshape(-1)[pos])
+
+
+def test_plain_step_runs_no_weight_gradient_matmul():
+    """Outside windows the sddmm kernel never forms G = gᵀx: the profiler sees the frozen
+    layer's two matmuls (forward, input gradient) and the sampled matmul, nothing [d_out, d_in]."""
+    x, w, b, pos, vals = setup(dtype=torch.float32)
+    vs = vals.clone().requires_grad_(True)
+    with torch.profiler.profile(record_shapes=True) as prof:
+        linear_sparse_delta(x, w, b, vs, LocalSlots(pos, vs), "sddmm").sum().backward()
+    mm = [e for e in prof.events() if e.name in ("aten::mm", "aten::addmm", "aten::matmul", "aten::bmm")]
+    shapes = [tuple(tuple(s) for s in e.input_shapes if s) for e in mm]
+    assert not any((24, 15) in s and (15, 40) in s for s in shapes), shapes  # gᵀ [24, T] @ x [T, 40]
+    assert any(e.name == "aten::sparse_sampled_addmm" for e in prof.events())
 
 
 def test_module_swap_keeps_names_and_weights_frozen():
@@ -64,7 +128,7 @@ def test_module_swap_keeps_names_and_weights_frozen():
     lin.weight.requires_grad_(False)
     vals = torch.zeros(3, requires_grad=True)
     pos = torch.tensor([0, 9, 47])
-    SparseDeltaLinear.attach(lin, lambda: (pos, vals), "gather")
+    SparseDeltaLinear.attach(lin, lambda: vals, LocalSlots(pos, vals), "sddmm")
     assert isinstance(lin, torch.nn.Linear) and list(dict(lin.named_parameters())) == ["weight"]
     out = lin(torch.randn(2, 8))
     out.sum().backward()
@@ -74,5 +138,5 @@ def test_module_swap_keeps_names_and_weights_frozen():
 
 
 def test_cost_rule():
-    assert choose_kernel(num_slots=100, numel=100_000, gather_cost_ratio=16) == "gather"
+    assert choose_kernel(num_slots=100, numel=100_000, gather_cost_ratio=16) == "sddmm"
     assert choose_kernel(num_slots=10_000, numel=100_000, gather_cost_ratio=16) == "dense"

@@ -1,5 +1,5 @@
 """Invariant: slot AdamW equals torch AdamW on a fixed slot set; seeded slots start with m̂ equal
-to the window's mean gradient."""
+to the window's mean gradient and v̂ to its mean squared gradient."""
 import torch
 
 from seft_scale.seft.delta import SparseDelta
@@ -31,15 +31,23 @@ def test_equals_torch_adamw_on_fixed_slots():
     assert int(d.age[0]) == 25
 
 
-def test_seeded_slot_first_step_follows_window_mean():
+def test_seeded_slot_first_step_follows_the_window():
     ours = SlotAdamW(lr=1e-2)
-    mean = torch.tensor([0.5, -2.0, 1e-3])
-    m, v, age = ours.seed(mean, window=5)
+    mean, mean_sq = torch.tensor([0.5, -2.0, 1e-3]), torch.tensor([1.0, 4.0, 1e-6])
+    m, v, age = ours.seed(mean, mean_sq, steps=5)
     b1, b2 = ours.betas
     torch.testing.assert_close(m / (1 - b1 ** 5), mean)
-    torch.testing.assert_close(v / (1 - b2 ** 5), mean * mean)
+    torch.testing.assert_close(v / (1 - b2 ** 5), mean_sq)
     assert age.tolist() == [5, 5, 5]
-    m0, v0, a0 = ours.seed(mean, window=0)
+    # the first step of a slot whose gradient flipped sign in the window (mean 0.5 of ±1) is
+    # lr·0.5, not ±lr as a squared-mean seed would give
+    d = make_delta(3)
+    d.exp_avg, d.exp_avg_sq, d.age = m, v, age
+    d.values.grad = torch.tensor([0.5, -2.0, 1e-3])
+    before = d.values.detach().clone()
+    ours.step([d])
+    assert abs(float(d.values.detach()[0] - before[0])) < 0.6e-2
+    m0, v0, a0 = ours.seed(mean, mean_sq, steps=0)
     assert not m0.any() and not v0.any() and not a0.any()
 
 
@@ -47,7 +55,7 @@ def test_clip_global_norm():
     d1, d2 = make_delta(4), make_delta(3, seed=1)
     d1.values.grad = torch.tensor([3.0, 0, 0, 0])
     d2.values.grad = torch.tensor([0, 4.0, 0])
-    norm = clip_slot_grads([d1, d2], max_norm=1.0)
-    assert abs(norm - 5.0) < 1e-9
+    norm, scale = clip_slot_grads([d1, d2], max_norm=1.0)
+    assert abs(norm - 5.0) < 1e-9 and abs(scale - 1 / (5.0 + 1e-6)) < 1e-12
     total = torch.cat([d1.values.grad, d2.values.grad]).norm()
     assert abs(float(total) - 1.0) < 1e-5

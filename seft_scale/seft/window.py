@@ -1,0 +1,179 @@
+"""Selection-window scores: what grow and adapt rank by, gathered over the A steps before an update.
+
+Grow ranks positions by |Σ_t G_t| (G the dense weight gradient, summed over micro-batches and
+ranks; SpIEL's accumulated gradient), adapt by the sensitivity |W·Σ_t G_t|; new slots' Adam
+moments are seeded from the window's mean gradient and mean squared gradient. Each step's G
+enters on the scale the δ-gradients are clipped to (the step's clip coefficient), so seeds and
+later updates agree (`end_step`).
+
+Two ways to keep them (`seft.window_scores`):
+
+* ``candidates`` (default): at the window's first micro-batch, every target keeps bounded
+  candidate sets chosen by an exact global top-k of that micro-batch's G — the K positions of
+  largest |G| for grow (the approach of SpIEL's SftSelector, Ansell et al. 2024) and, when adapt
+  ranks by sensitivity, the max(K, 2·n_grow) support positions of smallest |W·G| — and sums G
+  (and G²) over the window at those positions only. Memory O(K) per matrix instead of O(n). The
+  sizes guarantee enough: at least n_grow candidates without a remaining slot, and at least the
+  overshoot after excluding the positions just grown.
+* ``dense``: fp32 sums over the whole shard (Σ G, Σ G² and the current step's G: 12 B per weight
+  of the shard while a window is open): the exact reference for the ablation.
+
+Either way every choice is an exact global top-k (seft/selection.py), so the same inputs give the
+same positions at any world size.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from seft_scale.seft.delta import SparseDelta
+from seft_scale.seft.selection import Allreduce, select_topk
+
+WINDOW_SCORES = ("candidates", "dense")
+
+
+class DenseWindow:
+    """fp32 sums over the whole shard."""
+
+    def __init__(self, d: SparseDelta):
+        self.sum = torch.zeros(d.length, dtype=torch.float32, device=d.base.device)
+        self.sumsq = torch.zeros_like(self.sum)
+        self.step = torch.zeros_like(self.sum)
+        self.steps = 0
+
+    def add(self, g: torch.Tensor) -> None:
+        """One micro-batch's G over the shard (fp32, summed over ranks)."""
+        self.step.add_(g)
+
+    def end_step(self, scale: float) -> None:
+        self.step.mul_(scale)
+        self.sum.add_(self.step)
+        self.sumsq.addcmul_(self.step, self.step)
+        self.step.zero_()
+        self.steps += 1
+
+    def grow_candidates(self) -> torch.Tensor:
+        return torch.arange(len(self.sum), device=self.sum.device)
+
+    def adapt_candidates(self) -> Optional[torch.Tensor]:
+        return torch.arange(len(self.sum), device=self.sum.device)
+
+    def grad_sum(self, idx: torch.Tensor, adapt: bool = False) -> torch.Tensor:
+        return self.sum[idx]
+
+    def seed_stats(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean gradient and mean squared gradient per step at local positions `idx`."""
+        n = max(self.steps, 1)
+        return self.sum[idx] / n, self.sumsq[idx] / n
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"sum": self.sum, "sumsq": self.sumsq, "steps": torch.tensor([self.steps])}
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        """This shard's part of a saved window (already cut to its range)."""
+        self.steps = int(sd["steps"][0])
+        self.sum.copy_(sd["sum"])
+        self.sumsq.copy_(sd["sumsq"])
+
+
+class CandidateWindow:
+    """Sums at bounded candidate sets, chosen at the window's first micro-batch."""
+
+    def __init__(self, d: SparseDelta, grow_k: int, adapt_k: int, restricted: bool,
+                 allreduce: Optional[Allreduce]):
+        self.d, self.grow_k, self.adapt_k = d, grow_k, adapt_k
+        self.restricted, self.allreduce = restricted, allreduce
+        self.grow_idx: Optional[torch.Tensor] = None  # local positions, sorted
+        self.adapt_idx: Optional[torch.Tensor] = None
+        self.steps = 0
+
+    def _choose(self, g: torch.Tensor) -> None:
+        """The candidate sets from the first micro-batch's G (every rank calls it for the same
+        matrix in the same backward, so the exact global top-k can all-reduce)."""
+        d = self.d
+        support = d.support()
+        pool = torch.nonzero(support).reshape(-1) if self.restricted else \
+            torch.arange(d.length, device=g.device)
+        sel = select_topk([g[pool].abs()], [pool + d.offset], [self.grow_k], True, self.allreduce)[0]
+        self.grow_idx = pool[sel]
+        if self.adapt_k > 0:
+            pool = torch.nonzero(support).reshape(-1)
+            w = d.effective()[pool]
+            sel = select_topk([(w * g[pool]).abs()], [pool + d.offset], [self.adapt_k], False,
+                              self.allreduce)[0]
+            self.adapt_idx = pool[sel]
+        self.grow_sum = torch.zeros(len(self.grow_idx), dtype=torch.float32, device=g.device)
+        self.grow_sumsq, self.grow_step = torch.zeros_like(self.grow_sum), torch.zeros_like(self.grow_sum)
+        if self.adapt_idx is not None:
+            self.adapt_sum = torch.zeros(len(self.adapt_idx), dtype=torch.float32, device=g.device)
+            self.adapt_step = torch.zeros_like(self.adapt_sum)
+
+    def add(self, g: torch.Tensor) -> None:
+        if self.grow_idx is None:
+            self._choose(g)
+        self.grow_step += g[self.grow_idx]
+        if self.adapt_idx is not None:
+            self.adapt_step += g[self.adapt_idx]
+
+    def end_step(self, scale: float) -> None:
+        if self.grow_idx is None:  # a window step without a backward through this matrix
+            return
+        self.grow_step.mul_(scale)
+        self.grow_sum += self.grow_step
+        self.grow_sumsq.addcmul_(self.grow_step, self.grow_step)
+        self.grow_step.zero_()
+        if self.adapt_idx is not None:
+            self.adapt_sum.add_(self.adapt_step, alpha=scale)
+            self.adapt_step.zero_()
+        self.steps += 1
+
+    def grow_candidates(self) -> torch.Tensor:
+        return self.grow_idx
+
+    def adapt_candidates(self) -> Optional[torch.Tensor]:
+        return self.adapt_idx
+
+    def grad_sum(self, idx: torch.Tensor, adapt: bool = False) -> torch.Tensor:
+        """Σ G at local positions `idx`, which must be candidates of the set asked for."""
+        cand, total = (self.adapt_idx, self.adapt_sum) if adapt else (self.grow_idx, self.grow_sum)
+        return total[torch.searchsorted(cand, idx)]
+
+    def seed_stats(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        at = torch.searchsorted(self.grow_idx, idx)
+        n = max(self.steps, 1)
+        return self.grow_sum[at] / n, self.grow_sumsq[at] / n
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.grow_idx is None:
+            return {"steps": torch.tensor([self.steps])}
+        out = {"grow_pos": self.grow_idx + self.d.offset, "grow_sum": self.grow_sum,
+               "grow_sumsq": self.grow_sumsq, "steps": torch.tensor([self.steps])}
+        if self.adapt_idx is not None:
+            out.update(adapt_pos=self.adapt_idx + self.d.offset, adapt_sum=self.adapt_sum)
+        return out
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        """This shard's part of a saved window (positions already cut to its range)."""
+        self.steps = int(sd["steps"][0])
+        if "grow_pos" not in sd:
+            return
+        dev = self.d.base.device
+        self.grow_idx = sd["grow_pos"].to(dev) - self.d.offset
+        self.grow_sum, self.grow_sumsq = sd["grow_sum"].to(dev), sd["grow_sumsq"].to(dev)
+        self.grow_step = torch.zeros_like(self.grow_sum)
+        if "adapt_pos" in sd:
+            self.adapt_idx = sd["adapt_pos"].to(dev) - self.d.offset
+            self.adapt_sum = sd["adapt_sum"].to(dev)
+            self.adapt_step = torch.zeros_like(self.adapt_sum)
+
+
+def open_window(d: SparseDelta, kind: str, n_grow: int, restricted: bool, sensitivity: bool,
+                allreduce: Optional[Allreduce]):
+    """The window scores of one matrix for an update that grows `n_grow` slots."""
+    if kind == "dense":
+        return DenseWindow(d)
+    if kind != "candidates":
+        raise ValueError(f"window scores must be one of {WINDOW_SCORES}, got {kind!r}")
+    adapt_k = max(d.capacity, 2 * n_grow) if sensitivity and not restricted else 0
+    return CandidateWindow(d, d.capacity, adapt_k, restricted, allreduce)
