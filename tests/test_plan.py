@@ -3,9 +3,8 @@ match hand arithmetic and a real forward's saved tensors, the CLI reads run conf
 config.json folders, says when a run does not fit, writes a DeepSpeed config the zero3 backend
 accepts, and names bad input. (Whole-phase agreement with measured memory at 1-3 ranks:
 tests/distributed/test_plan_measured.py.)"""
-import json
-
 import dataclasses
+import json
 
 import pytest
 import torch

@@ -60,6 +60,7 @@ from seft_scale.seft.delta import SparseDelta  # noqa: E402
 from seft_scale.seft.optim import SlotAdamW  # noqa: E402
 from seft_scale.seft.selection import rounds_needed_upper_bound  # noqa: E402
 from seft_scale.seft.topology import check_budget, topology_update  # noqa: E402
+from seft_scale.seft.window import DenseWindow  # noqa: E402
 
 TINY = ROOT / "configs" / "runs" / "tiny.yaml"
 LAYERS_7B = 32
@@ -178,11 +179,14 @@ def shard(m: Matrix, rank: int, world: int, opt: SlotAdamW) -> SparseDelta:
     """Rank's SparseDelta of `m` in ZeRO-3's layout (ceil(n/W) flat elements per rank)."""
     from tests.helpers import shard_bounds
     lo, hi = shard_bounds(m.theta.numel(), world, rank)
-    d = SparseDelta(m.name, m.shape, lo, m.theta[lo:hi], m.budget, m.capacity, mask=m.mask[lo:hi])
+    d = SparseDelta(m.name, m.shape, lo, m.theta[lo:hi], m.budget, m.capacity)
     a, b = torch.searchsorted(m.pos, torch.tensor([lo, hi])).tolist()
-    d.add_slots(m.pos[a:b], *opt.seed(torch.zeros(b - a), 0))
+    zero = torch.zeros(b - a)
+    d.add_slots(m.pos[a:b], *opt.seed(zero, zero, 0))
     d.values = m.delta[a:b].clone().requires_grad_(True)
-    d.grad_acc = m.grad[lo:hi]
+    d.window = DenseWindow(d)  # the most candidates an update can score: every position
+    d.window.add(m.grad[lo:hi])
+    d.window.end_step(1.0)
     return d
 
 
@@ -200,8 +204,7 @@ def synthetic_update(scale: float, world: int, seed: int, drop_rate: float, spar
         counting.active = True
         counting.begin_update()
         t0 = time.perf_counter()
-        topology_update(deltas, drop_rate, seft.window, lambda g: opt.seed(g, seft.window),
-                        allreduce=counting)
+        topology_update(deltas, drop_rate, opt.seed, allreduce=counting)
         elapsed = time.perf_counter() - t0
         counting.active = False
         check_budget(deltas, allreduce)  # the update it measured was a correct one
@@ -304,11 +307,12 @@ def limit_malloc_arenas() -> None:
 # -- part 2: the tiny run on the real backends, forked gloo ranks ----------------------------------
 def seft_bytes(deltas) -> int:
     """Bytes of this rank's SparseDelta tensors: slots, δ and its gradient, Adam moments, ages,
-    support mask, θ-edit bitmap and (in selection windows) the G accumulator."""
+    support exceptions, θ-edit bitmap (host) and (in selection windows) the window scores."""
     total = 0
     for d in deltas:
-        for t in (d.pos, d.values, d.values.grad, d.exp_avg, d.exp_avg_sq, d.age, d.mask, d.edited,
-                  d.grad_acc):
+        window = d.window.state_dict().values() if d.window is not None else ()
+        for t in (d.pos, d.values, d.values.grad, d.exp_avg, d.exp_avg_sq, d.age, d.zeros,
+                  d.edited.bits, *window):
             total += 0 if t is None else t.numel() * t.element_size()
     return total
 

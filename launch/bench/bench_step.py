@@ -1,34 +1,46 @@
 #!/usr/bin/env python
-"""Step time and trainable-state bytes: SEFT vs a PEFT LoRA of the same trainable count vs
-static-mask full fine-tuning, on the same pruned model and batch, measured in one run.
+"""Step time and peak memory of SEFT vs a PEFT LoRA of the same trainable count vs static-mask
+fine-tuning, on the same pruned model and batch, measured in one run (figures, not tests).
 
-    python launch/bench/bench_step.py                 # a SmolLM2-135M-shaped random Llama, 4 layers
-    python launch/bench/bench_step.py --model DIR --layers 0 --batch 2 --seq 512
+    python launch/bench/bench_step.py --shape l7 --layers 1 --batch 1 --seq 512 --rank 32
+    python launch/bench/bench_step.py --shape smollm --layers 4            # SmolLM2-135M's shape
+    python launch/bench/bench_step.py --model DIR --layers 0 --seq 512      # an HF folder
 
-Prints, per method, the median step time (forward + backward + optimizer), its ratio to LoRA, and
-the bytes of trainable state (values, gradients, optimizer moments; SEFT's slot indices and its
-support mask listed apart). For SEFT it times plain steps, selection-window steps (dense G
-captured) and one topology update, and amortises them over ΔT as a run does:
-    (ΔT-A)·t_plain + A·t_window + t_update) / ΔT.
-It also measures the gather/dense kernel cost ratio used by seft.gather_cost_ratio.
-Figures only — no pass/fail: these machines are shared and noisy.
+--shape l7 is Llama-2-7B's decoder layer (hidden 4096, intermediate 11008, 32 heads) with a
+small vocabulary (2048), so the layers, not the embedding and logits, dominate the step, as they
+do at 7B-70B; a random model built here (nothing is downloaded), pruned 50% by magnitude.
+
+Printed per method: the median step time (forward + backward + optimizer) and its ratio to LoRA,
+and the peak memory of a step above the model (CUDA: torch.cuda.max_memory_allocated; CPU: the
+heap's bytes in use, glibc mallinfo2, sampled after every aten op). For SEFT: plain steps per
+kernel (sddmm, dense), the window's first step (dense G: the candidates are chosen), its later
+steps (G sampled at the candidates), one topology update, and the amortised step over ΔT = 10,
+A = 5 as a run has them: (ΔT - A)·plain + first + (A - 1)·later + update, all / ΔT. The torch
+profiler's matmul count of a plain step shows that no full weight-gradient matmul runs there.
+Also the gather_cost_ratio of seft.kernel: auto (sampled multiply-add vs matmul multiply-add).
+
+Measured on 2 AVX2 cores (2026-12), see README's benchmark section for the table.
 """
 import argparse
 import copy
+import ctypes
 import statistics
 import time
 
 import torch
 
 from seft_scale.backends import LocalBackend
-from seft_scale.config import ModelConfig, RunConfig, SeftConfig, TinyModelConfig
+from seft_scale.config import ModelConfig, RunConfig, SeftConfig, TinyModelConfig, TrainConfig
 from seft_scale.model import build_tiny_llama, find_targets, load_model
 from seft_scale.prune.masks import keep_mask
-from seft_scale.seft.kernels import linear_sparse_delta
+from seft_scale.seft.kernels import sddmm
 from seft_scale.seft.method import SeftMethod
-from seft_scale.seft.topology import topology_update
 
 TARGETS = SeftConfig().targets
+SHAPES = {  # (hidden, intermediate, heads, kv heads, vocab)
+    "l7": (4096, 11008, 32, 32, 2048),
+    "smollm": (576, 1536, 9, 3, 49152),
+}
 
 
 def timed(fn, repeats: int) -> float:
@@ -41,66 +53,125 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def build(args):
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+
+def peak_bytes(fn, device: torch.device) -> int:
+    """Peak memory while fn() runs, above what was in use when it started."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+    from torch.utils._python_dispatch import TorchDispatchMode
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+
+    def in_use():
+        m = libc.mallinfo2()
+        return m.uordblks + m.hblkhd
+    start = in_use()
+
+    class Peak(TorchDispatchMode):
+        peak = start
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            Peak.peak = max(Peak.peak, in_use())
+            return out
+    with Peak():
+        fn()
+    return Peak.peak - start
+
+
+def build(args, device, dtype):
     if args.model:
-        model, _ = load_model(ModelConfig(path=args.model, dtype="float32"), torch.device("cpu"))
+        model, _ = load_model(ModelConfig(path=args.model, dtype=str(dtype).removeprefix("torch.")), device)
         if args.layers:
             model.model.layers = model.model.layers[: args.layers]
             model.config.num_hidden_layers = args.layers
-    else:  # SmolLM2-135M's shape
-        shape = TinyModelConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=args.layers or 4,
-                                num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048)
-        model = build_tiny_llama(ModelConfig(tiny=shape), 49152, torch.float32, "sdpa")
+    else:
+        h, i, heads, kv, vocab = SHAPES[args.shape]
+        shape = TinyModelConfig(hidden_size=h, intermediate_size=i, num_hidden_layers=args.layers,
+                                num_attention_heads=heads, num_key_value_heads=kv,
+                                max_position_embeddings=max(2048, args.seq))
+        model = build_tiny_llama(ModelConfig(tiny=shape), vocab, dtype, "sdpa").to(device)
     model.config.use_cache = False
     with torch.no_grad():
         for _, lin in find_targets(model, TARGETS):
-            lin.weight.mul_(keep_mask(lin.weight.abs(), args.sparsity))
+            lin.weight.mul_(keep_mask(lin.weight.abs(), args.sparsity).to(lin.weight.dtype))
     for p in model.parameters():
         p.requires_grad_(False)
     return model
 
 
-def state_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def bench_seft(model, batch, args):
-    run = RunConfig(seft=SeftConfig(lora_rank=args.rank, kernel=args.kernel))
-    cfg = run.seft
-    method = SeftMethod(run, LocalBackend(torch.device("cpu")), model, find_targets(model, TARGETS))
+def bench_seft(model, batch, args, device, kernel: str):
+    """SEFT through the method the trainer drives: update every 10 steps after a 5-step window."""
+    cfg = RunConfig(seft=SeftConfig(lora_rank=args.rank, kernel=kernel),
+                    train=TrainConfig(steps=10_000, lr=1e-3, max_grad_norm=1.0))
+    method = SeftMethod(cfg, LocalBackend(device), model, find_targets(model, TARGETS))
     method.init_state()
-    deltas, opt = method.deltas, method.opt
 
-    def step(window: bool):
-        method.set_capture(window)
+    def at(t: int):
+        """Step t of the schedule: 1-5 plain, 6-9 window, 10 window + topology update."""
+        method.before_step(t)
         model(**batch).loss.backward()
-        opt.step(deltas)
+        method.after_backward(t, 1e-3)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
-    t_plain = timed(lambda: step(False), args.repeats)
-    t_window = timed(lambda: step(True), args.repeats)
-    for d in deltas:  # one window's worth of G is in grad_acc now
-        d.values.grad = None
+    t_plain = timed(lambda: at(1), args.repeats)
+    out = {"plain": t_plain}
+    if kernel == args.main_kernel:
+        def window_sequence():
+            times = []
+            for t in range(6, 11):
+                t0 = time.perf_counter()
+                method.before_step(t)
+                model(**batch).loss.backward()
+                if t < 10:
+                    method.after_backward(t, 1e-3)
+                times.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            method.after_backward(10, 1e-3)  # window end + the topology update
+            times.append(time.perf_counter() - t0)
+            return times
+        window_sequence()  # warm-up
+        runs = [window_sequence() for _ in range(max(1, args.repeats // 2))]
+        med = [statistics.median(r[i] for r in runs) for i in range(6)]
+        out.update(first=med[0], later=statistics.median(med[1:4]), update=med[5])
+        out["window_last"] = med[4]  # the update step's forward/backward (a later window step)
+        out["amortised"] = (5 * t_plain + med[0] + 3 * out["later"] + med[4] + med[5]) / 10
+        out["peak_plain"] = peak_bytes(lambda: at(1), device)
+        out["peak_window"] = peak_bytes(lambda: at(6), device)
+        for t in range(7, 11):  # finish that window so the state is consistent
+            at(t)
+        with torch.profiler.profile(record_shapes=True) as prof:
+            at(1)
+        out["weight_grad_matmuls"] = count_weight_grad_matmuls(prof, model, batch)
+        k = sum(len(d.pos) for d in method.deltas)
+        out.update(trainable=k, state_bytes=k * 28, kernels=sorted({m.seft_kernel for m in method.modules.values()}))
+    return out
 
-    def update():
-        saved = [d.grad_acc.clone() for d in deltas]
-        topology_update(deltas, cfg.drop_rate, cfg.window, lambda g: opt.seed(g, cfg.window))
-        for d, g in zip(deltas, saved):
-            d.grad_acc = g
-    t_update = timed(update, max(1, args.repeats // 2))
-    method.set_capture(False)
-    for d in deltas:
-        d.grad_acc = None
-    dT, A = cfg.update_interval, cfg.window
-    amortised = ((dT - A) * t_plain + A * t_window + t_update) / dT
-    k = sum(len(d.pos) for d in deltas)
-    trainable = k * (4 + 4 + 8 + 4)  # δ, its gradient, Adam moments, int32 age
-    return {"plain": t_plain, "window": t_window, "update": t_update, "amortised": amortised,
-            "trainable_params": k, "trainable_bytes": trainable, "index_bytes": k * 8,
-            "mask_bytes": sum(d.mask.numel() for d in deltas),
-            "kernels": sorted({m.seft_kernel for m in method.modules.values()})}
+
+def count_weight_grad_matmuls(prof, model, batch) -> int:
+    """Matmuls of a step whose output is a whole target weight [d_out, d_in] (G = gᵀx)."""
+    shapes = {tuple(lin.weight.shape) for _, lin in find_targets(model, TARGETS)}
+    tokens = batch["input_ids"].numel()
+    n = 0
+    for e in prof.events():
+        if e.name in ("aten::mm", "aten::addmm", "aten::matmul"):
+            dims = [tuple(s) for s in e.input_shapes if len(s) == 2]
+            if len(dims) >= 2 and (dims[0][0], dims[1][1]) in shapes and dims[0][1] == tokens:
+                n += 1
+    return n
 
 
-def bench_lora(model, batch, args):
+def bench_lora(model, batch, args, device):
     from peft import LoraConfig, get_peft_model
     peft_model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank,
                                                   target_modules=TARGETS, lora_dropout=0.0))
@@ -111,14 +182,15 @@ def bench_lora(model, batch, args):
         peft_model(**batch).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=False)  # keep grads allocated, as in a real loop's steady state
+        if device.type == "cuda":
+            torch.cuda.synchronize()
     t = timed(step, args.repeats)
     n = sum(p.numel() for p in params)
-    return {"plain": t, "amortised": t, "trainable_params": n,
-            "trainable_bytes": state_bytes(params) * 2 + sum(
-                state_bytes([s["exp_avg"], s["exp_avg_sq"]]) for s in opt.state.values())}
+    return {"plain": t, "amortised": t, "trainable": n, "peak_plain": peak_bytes(step, device),
+            "state_bytes": n * 16}
 
 
-def bench_static(model, batch, args):
+def bench_static(model, batch, args, device):
     targets = find_targets(model, TARGETS)
     masks = [lin.weight != 0 for _, lin in targets]
     params = [lin.weight for _, lin in targets]
@@ -135,83 +207,94 @@ def bench_static(model, batch, args):
             for p, m in zip(params, masks):
                 p.mul_(m)
         opt.zero_grad(set_to_none=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
     t = timed(step, args.repeats)
     n = sum(int(m.sum()) for m in masks)
-    return {"plain": t, "amortised": t, "trainable_params": n,
-            "trainable_bytes": state_bytes(params) * 2 + sum(
-                state_bytes([s["exp_avg"], s["exp_avg_sq"]]) for s in opt.state.values()),
-            "mask_bytes": sum(m.numel() for m in masks)}
+    return {"plain": t, "amortised": t, "trainable": n, "peak_plain": peak_bytes(step, device),
+            "state_bytes": sum(p.numel() for p in params) * 12 + sum(m.numel() for m in masks)}
 
 
-def gather_cost_ratio(tokens: int, d_out: int, d_in: int, repeats: int) -> dict:
-    """Time both kernels' extra work on one matrix at several densities; report the
-    matmul-multiply-adds one gathered multiply-add costs (the cost rule's ratio)."""
-    x = torch.randn(tokens, d_in)
-    w = torch.randn(d_out, d_in)
-    g = torch.randn(tokens, d_out)
+def gather_cost_ratio(model, tokens: int, repeats: int, rank: int, device) -> dict:
+    """Per target shape: the sampled multiply-add's cost in matmul multiply-adds (the cost rule's
+    ratio), from the SDDMM at K = rank·(d_in + d_out) slots and the dense G = gᵀx."""
     out = {}
-    for density in (0.002, 0.01, 0.05):
-        k = int(density * d_out * d_in)
-        pos = torch.randperm(d_out * d_in)[:k].sort().values
-        vals = torch.randn(k, requires_grad=True)
-        xr = x.clone().requires_grad_(True)
-
-        def run(kernel):
-            linear_sparse_delta(xr, w, None, pos, vals, kernel).backward(g)
-        t_dense, t_gather = timed(lambda: run("dense"), repeats), timed(lambda: run("gather"), repeats)
-        plain = timed(lambda: torch.nn.functional.linear(xr, w).backward(g), repeats)
-        extra_dense, extra_gather = max(t_dense - plain, 1e-9), max(t_gather - plain, 1e-9)
-        # dense extra ~ 2·T·n matmul MACs; gather extra ~ 3·T·K gathered MACs
-        ratio = (extra_gather / (3 * tokens * k)) / (extra_dense / (2 * tokens * d_out * d_in))
-        out[density] = {"dense_ms": t_dense * 1e3, "gather_ms": t_gather * 1e3,
-                        "plain_ms": plain * 1e3, "ratio": ratio}
+    for _, lin in find_targets(model, TARGETS):
+        d_out, d_in = lin.weight.shape
+        if (d_out, d_in) in out:
+            continue
+        k = min(rank * (d_in + d_out), d_out * d_in)
+        x = torch.randn(tokens, d_in, device=device, dtype=lin.weight.dtype)
+        g = torch.randn(tokens, d_out, device=device, dtype=lin.weight.dtype)
+        pos = torch.randperm(d_out * d_in, device=device)[:k].sort().values
+        t_s = timed(lambda: sddmm(g, x, pos, (d_out, d_in)), repeats)
+        t_d = timed(lambda: (g.t() @ x).reshape(-1)[pos], repeats)
+        out[(d_out, d_in)] = {"sddmm_ms": t_s * 1e3, "dense_ms": t_d * 1e3,
+                              "ratio": (t_s / (tokens * k)) / (t_d / (tokens * d_out * d_in))}
     return out
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="HF folder (default: random SmolLM2-135M shape)")
-    ap.add_argument("--layers", type=int, default=4, help="decoder layers kept (0: all of --model)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="smollm", help="random model's shape")
+    ap.add_argument("--model", default=None, help="an HF folder instead of --shape")
+    ap.add_argument("--layers", type=int, default=4, help="decoder layers (0 with --model: all)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--rank", type=int, default=16, help="LoRA rank; SEFT gets K = rank·(d_in+d_out)")
     ap.add_argument("--sparsity", type=float, default=0.5)
-    ap.add_argument("--kernel", default="auto", choices=["auto", "dense", "gather"])
+    ap.add_argument("--kernels", default="sddmm,dense", help="SEFT kernels to time (comma-separated)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="auto: bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    kernels = [k for k in args.kernels.split(",") if k]
+    args.main_kernel = kernels[0]
     torch.manual_seed(0)
-    base = build(args)
+    base = build(args, device, dtype)
     vocab = base.config.vocab_size
-    ids = torch.randint(vocab, (args.batch, args.seq))
+    ids = torch.randint(vocab, (args.batch, args.seq), device=device)
     batch = {"input_ids": ids, "labels": ids}
     print(f"model: {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M params, "
-          f"{base.config.num_hidden_layers} layers; batch {args.batch}x{args.seq}; "
-          f"rank {args.rank}; sparsity {args.sparsity}; threads {torch.get_num_threads()}")
-    res = {"seft": bench_seft(copy.deepcopy(base), batch, args),
-           "lora": bench_lora(copy.deepcopy(base), batch, args),
-           "static": bench_static(copy.deepcopy(base), batch, args)}
+          f"{base.config.num_hidden_layers} layers (hidden {base.config.hidden_size}, intermediate "
+          f"{base.config.intermediate_size}, vocab {vocab}); batch {args.batch}x{args.seq}; rank "
+          f"{args.rank}; sparsity {args.sparsity}; {device} {str(dtype).removeprefix('torch.')}; "
+          f"threads {torch.get_num_threads()}")
+    res = {"lora": bench_lora(copy.deepcopy(base), batch, args, device),
+           "static": bench_static(copy.deepcopy(base), batch, args, device)}
+    for kernel in kernels:
+        res[f"seft:{kernel}"] = bench_seft(copy.deepcopy(base), batch, args, device, kernel)
     lora = res["lora"]
-    print(f"\n{'method':8} {'step ms':>9} {'x LoRA':>7} {'trainable':>11} {'state MiB':>10} {'x LoRA':>7}")
+    mib = 2 ** 20
+    print(f"\n{'method':12} {'step ms':>9} {'x LoRA':>7} {'peak MiB':>9} {'x LoRA':>7} {'trainable':>11}")
     for name, r in res.items():
-        print(f"{name:8} {r['amortised'] * 1e3:9.1f} {r['amortised'] / lora['amortised']:7.2f} "
-              f"{r['trainable_params']:11,d} {r['trainable_bytes'] / 2**20:10.2f} "
-              f"{r['trainable_bytes'] / lora['trainable_bytes']:7.2f}")
-    s = res["seft"]
-    print(f"\nSEFT ({'/'.join(s['kernels'])} kernel): plain step {s['plain'] * 1e3:.1f} ms "
-          f"({s['plain'] / lora['plain']:.2f}x LoRA), selection-window step {s['window'] * 1e3:.1f} ms "
-          f"({s['window'] / lora['plain']:.2f}x), topology update {s['update'] * 1e3:.1f} ms "
-          f"({s['update'] / s['plain']:.2f} plain steps); amortised over ΔT=10, A=5: "
-          f"{s['amortised'] / lora['amortised']:.2f}x LoRA (target <= 1.2)")
-    print(f"SEFT trainable state {s['trainable_bytes'] / 2**20:.2f} MiB + slot indices "
-          f"{s['index_bytes'] / 2**20:.2f} MiB vs LoRA {lora['trainable_bytes'] / 2**20:.2f} MiB "
-          f"(target: <= LoRA + indices: {s['trainable_bytes'] <= lora['trainable_bytes'] + s['index_bytes']}); "
-          f"support mask {s['mask_bytes'] / 2**20:.2f} MiB (1 byte per target weight, as the "
-          f"static baseline's mask {res['static']['mask_bytes'] / 2**20:.2f} MiB)")
-    h = base.config.hidden_size
-    print(f"\nkernel cost ratio on a {h}x{h} matrix, {args.batch * args.seq} tokens:")
-    for density, r in gather_cost_ratio(args.batch * args.seq, h, h, args.repeats).items():
-        print(f"  density {density:<6} dense {r['dense_ms']:7.2f} ms  gather {r['gather_ms']:7.2f} ms  "
-              f"plain {r['plain_ms']:7.2f} ms  -> gather_cost_ratio ≈ {r['ratio']:.1f}")
+        peak = r.get("peak_plain")
+        print(f"{name:12} {r['plain'] * 1e3:9.1f} {r['plain'] / lora['plain']:7.2f} "
+              + (f"{peak / mib:9.1f} {peak / lora['peak_plain']:7.2f}" if peak is not None else f"{'':9} {'':7}")
+              + f" {r.get('trainable', 0):11,d}")
+    s = res[f"seft:{args.main_kernel}"]
+    p = lora["plain"]
+    print(f"\nSEFT ({args.main_kernel}; kernels per matrix by the cost rule: {'/'.join(s['kernels'])}):"
+          f" plain step {s['plain'] * 1e3:.1f} ms ({s['plain'] / p:.2f}x LoRA; target <= 1.10), "
+          f"window first step {s['first'] * 1e3:.1f} ms ({s['first'] / p:.2f}x), later window steps "
+          f"{s['later'] * 1e3:.1f} ms ({s['later'] / p:.2f}x), topology update {s['update'] * 1e3:.1f} "
+          f"ms ({s['update'] / s['plain']:.2f} plain steps; target <= 1)")
+    print(f"amortised over ΔT=10, A=5: {s['amortised'] * 1e3:.1f} ms = {s['amortised'] / p:.2f}x LoRA "
+          f"(target <= 1.15)")
+    print(f"peak memory above the model: plain step {s['peak_plain'] / mib:.1f} MiB "
+          f"({s['peak_plain'] / lora['peak_plain']:.2f}x LoRA's {lora['peak_plain'] / mib:.1f}), window "
+          f"step {s['peak_window'] / mib:.1f} MiB; trainable state {s['state_bytes'] / mib:.1f} MiB vs "
+          f"LoRA {lora['state_bytes'] / mib:.1f} MiB")
+    print(f"full weight-gradient matmuls in a plain SEFT step (torch profiler): {s['weight_grad_matmuls']}")
+    print(f"\nkernel cost ratio ({args.batch * args.seq} tokens, K = rank·(d_in+d_out)):")
+    for (d_out, d_in), r in gather_cost_ratio(base, args.batch * args.seq, args.repeats, args.rank,
+                                              device).items():
+        print(f"  {d_out}x{d_in}: sddmm {r['sddmm_ms']:8.2f} ms  dense G {r['dense_ms']:8.2f} ms  "
+              f"-> gather_cost_ratio ≈ {r['ratio']:.1f}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,15 @@ from typing import Optional
 import torch
 
 
+def member(sorted_ref: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Whether each element of `x` is in the sorted 1-D `sorted_ref` (a binary search each:
+    cheaper than torch.isin, which sorts both sides)."""
+    if len(sorted_ref) == 0:
+        return torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+    at = torch.searchsorted(sorted_ref, x).clamp_(max=len(sorted_ref) - 1)
+    return sorted_ref[at] == x
+
+
 class Bitmap:
     """One bit per position of a range, in host memory."""
 
@@ -89,7 +98,7 @@ class SparseDelta:
     def in_support(self, idx: torch.Tensor) -> torch.Tensor:
         """Whether each local position of `idx` is in the support (no shard-sized transient)."""
         pos = idx + self.offset
-        return (self.base[idx] != 0) | torch.isin(pos, self.pos) | torch.isin(pos, self.zeros)
+        return (self.base[idx] != 0) | member(self.pos, pos) | member(self.zeros, pos)
 
     def weights_at(self, idx: torch.Tensor) -> torch.Tensor:
         """W = θ + S at local positions `idx`, fp32."""
@@ -114,9 +123,10 @@ class SparseDelta:
         self.exp_avg, self.exp_avg_sq, self.age = exp_avg[order], exp_avg_sq[order], age[order]
 
     def keep_slots(self, keep: torch.Tensor) -> None:
-        """Remove every slot where `keep` is False."""
-        self._set_slots(self.pos[keep], self.values.detach()[keep], self.exp_avg[keep],
-                        self.exp_avg_sq[keep], self.age[keep])
+        """Remove every slot where `keep` is False (what is kept stays sorted)."""
+        self.pos = self.pos[keep]
+        self.values = self.values.detach()[keep].requires_grad_(True)
+        self.exp_avg, self.exp_avg_sq, self.age = self.exp_avg[keep], self.exp_avg_sq[keep], self.age[keep]
 
     def add_slots(self, pos: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                   age: torch.Tensor) -> None:
@@ -136,7 +146,8 @@ class SparseDelta:
                 .to(self.base.dtype)
             self.edited.set(idx)
         gone = idx[self.base[idx] == 0] + self.offset
-        self.zeros = torch.unique(torch.cat([self.zeros, gone]))
+        if len(gone):
+            self.zeros = torch.unique(torch.cat([self.zeros, gone]))
         self.keep_slots(~drop)
 
     @torch.no_grad()
@@ -144,9 +155,9 @@ class SparseDelta:
         """Remove local positions `idx` from the support: θ = 0 there, slots there freed."""
         self.base[idx] = 0
         self.edited.set(idx)
-        pos = idx + self.offset
-        self.zeros = self.zeros[~torch.isin(self.zeros, pos)]
-        self.keep_slots(~torch.isin(self.pos, pos))
+        pos = torch.sort(idx + self.offset).values
+        self.zeros = self.zeros[~member(pos, self.zeros)]
+        self.keep_slots(~member(pos, self.pos))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Everything needed to resume: slots, optimizer state, support exceptions, θ's edits

@@ -15,8 +15,11 @@ The δ-gradients, ∂L/∂δ_j = Σ_t g[t, row_j]·x[t, col_j], come from one of
 
 Cost rule (`choose_kernel`): sddmm iff K · gather_cost_ratio < n, where the ratio is the cost of one
 sampled multiply-add in matmul multiply-adds, measured by launch/bench/bench_step.py (~10 on two
-AVX2 cores: the figures are in that script's docstring). In selection windows the dense G is needed
-anyway, so the dense kernel runs there and hands G to the window's hook.
+AVX2 cores: the figures are in that script's docstring).
+
+In selection windows a `WindowTap` takes the gradient the window scores need: the dense G when it
+asks for it (dense window scores; candidates at the window's first micro-batch), else G sampled at
+the window's candidate positions in the same SDDMM as the slots.
 """
 from __future__ import annotations
 
@@ -29,7 +32,6 @@ import torch.nn.functional as F
 from torch import nn
 
 KERNELS = ("sddmm", "dense")
-DenseGradHook = Callable[[torch.Tensor], None]
 
 # bytes of one [max(d_in, d_out), tokens] fp32 operand block of the SDDMM: it must stay in cache,
 # else every gathered row comes from DRAM (2-4x slower measured for d = 11008, 1024 tokens)
@@ -44,6 +46,22 @@ class SlotSource(Protocol):
 
     def reduce(self, grad_full: torch.Tensor) -> torch.Tensor:
         """This rank's slots' δ-gradients summed over ranks, from every rank's full gradients."""
+
+
+class WindowTap(Protocol):
+    """What a selection window takes from a target's backward (seft/method.py)."""
+
+    def wants_dense(self) -> bool:
+        """Whether this backward must hand over the dense G."""
+
+    def add_dense(self, G: torch.Tensor) -> None:
+        """This rank's dense weight gradient [d_out, d_in] of the micro-batch."""
+
+    def positions(self) -> torch.Tensor:
+        """Sorted global positions (of every rank's candidates) at which G is sampled."""
+
+    def add_sampled(self, values: torch.Tensor) -> None:
+        """This rank's G at `positions()`, fp32."""
 
 
 def choose_kernel(num_slots: int, numel: int, gather_cost_ratio: float) -> str:
@@ -94,8 +112,8 @@ def sddmm(g2: torch.Tensor, x2: torch.Tensor, pos: torch.Tensor, shape: tuple[in
 class _LinearSparseDelta(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, values, slots: SlotSource, kernel: str,
-                dense_grad_hook: Optional[DenseGradHook]):
-        ctx.slots, ctx.kernel, ctx.hook = slots, kernel, dense_grad_hook
+                tap: Optional[WindowTap]):
+        ctx.slots, ctx.kernel, ctx.tap = slots, kernel, tap
         ctx.has_bias = bias is not None
         pos, full = slots.full()
         with composed(weight, pos, full) as w:
@@ -113,13 +131,20 @@ class _LinearSparseDelta(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             with composed(weight, pos, full) as w:
                 grad_x = grad_out @ w
-        if ctx.needs_input_grad[3] or ctx.hook is not None:
-            if ctx.kernel == "dense" or ctx.hook is not None:
+        tap = ctx.tap
+        if ctx.needs_input_grad[3] or tap is not None:
+            if ctx.kernel == "dense" or (tap is not None and tap.wants_dense()):
                 G = g2.t() @ x2  # the dense weight gradient, [d_out, d_in]
                 grad_full = G.reshape(-1)[pos].to(torch.promote_types(G.dtype, torch.float32))
-                if ctx.hook is not None:
-                    ctx.hook(G)
+                if tap is not None:
+                    tap.add_dense(G)
                 del G
+            elif tap is not None:  # the slots and the window's candidates in one SDDMM
+                both, inv = torch.unique(torch.cat([pos, tap.positions().to(pos.device)]),
+                                         return_inverse=True)
+                sampled = sddmm(g2, x2, both, (d_out, d_in))
+                grad_full = sampled[inv[:len(pos)]]
+                tap.add_sampled(sampled[inv[len(pos):]])
             else:
                 grad_full = sddmm(g2, x2, pos, (d_out, d_in))
             grad_values = ctx.slots.reduce(grad_full)
@@ -130,39 +155,40 @@ class _LinearSparseDelta(torch.autograd.Function):
 
 def linear_sparse_delta(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                         values: torch.Tensor, slots: SlotSource, kernel: str = "sddmm",
-                        dense_grad_hook: Optional[DenseGradHook] = None) -> torch.Tensor:
-    """y = x·(θ + S)ᵀ + bias, with gradients for x, bias and this rank's slot `values`."""
+                        tap: Optional[WindowTap] = None) -> torch.Tensor:
+    """y = x·(θ + S)ᵀ + bias, with gradients for x, bias and this rank's slot `values`; in a
+    selection window `tap` takes the gradients the window scores need."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    return _LinearSparseDelta.apply(x, weight, bias, values, slots, kernel, dense_grad_hook)
+    return _LinearSparseDelta.apply(x, weight, bias, values, slots, kernel, tap)
 
 
 class SparseDeltaLinear(nn.Linear):
     """An nn.Linear whose forward adds the sparse delta. Installed by swapping the class of an
     existing Linear (`attach`), so parameter names, HF save/load and ZeRO/FSDP hooks are untouched.
-    `seft_values()` returns this rank's slot values (the autograd leaf), `seft_slots` their source."""
+    `seft_values()` returns this rank's slot values (the autograd leaf), `seft_slots` their source,
+    `seft_window` the selection window's tap while one is open."""
 
     seft_values: Callable[[], torch.Tensor]
     seft_slots: SlotSource
     seft_kernel: str
-    seft_dense_grad_hook: Optional[DenseGradHook]
+    seft_window: Optional[WindowTap]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hook = self.seft_dense_grad_hook
         return linear_sparse_delta(x, self.weight, self.bias, self.seft_values(), self.seft_slots,
-                                   "dense" if hook is not None else self.seft_kernel, hook)
+                                   self.seft_kernel, self.seft_window)
 
     @staticmethod
     def attach(linear: nn.Linear, values: Callable[[], torch.Tensor], slots: SlotSource,
                kernel: str) -> "SparseDeltaLinear":
         linear.__class__ = SparseDeltaLinear
         linear.seft_values, linear.seft_slots = values, slots
-        linear.seft_kernel, linear.seft_dense_grad_hook = kernel, None
+        linear.seft_kernel, linear.seft_window = kernel, None
         return linear  # type: ignore[return-value]
 
     def detach_delta(self) -> nn.Linear:
         """Back to a plain nn.Linear (for export)."""
-        for attr in ("seft_values", "seft_slots", "seft_kernel", "seft_dense_grad_hook"):
+        for attr in ("seft_values", "seft_slots", "seft_kernel", "seft_window"):
             self.__dict__.pop(attr, None)
         self.__class__ = nn.Linear
         return self

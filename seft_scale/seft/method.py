@@ -69,6 +69,37 @@ class Slots:
         return self.comm.reduce_scatter_flat(grad_full, bounds).to(self.d.values.device)
 
 
+class Tap:
+    """A target's selection-window tap for the kernel (seft/kernels.WindowTap): the dense G (or
+    G sampled at every rank's candidates) of each micro-batch, summed over ranks onto the shard
+    that owns each position, into the window scores."""
+
+    def __init__(self, d: SparseDelta, comm, bounds, dtype: torch.dtype):
+        self.d, self.comm, self.bounds, self.dtype = d, comm, bounds, dtype
+        self.counts: Optional[list[int]] = None  # every rank's candidate count, once chosen
+
+    def wants_dense(self) -> bool:
+        return self.d.window.wants_dense()
+
+    def add_dense(self, G: torch.Tensor) -> None:
+        shard = self.comm.reduce_scatter_flat(G, self.bounds, self.dtype)
+        self.d.window.add(shard.to(self.d.base.device, torch.float32))
+
+    def positions(self) -> torch.Tensor:
+        mine = self.d.window.sample_positions() + self.d.offset
+        if not self.comm.grouped:
+            return mine
+        if self.counts is None:  # candidates change only when chosen: one exchange per window
+            self.counts = self.comm.counts(len(mine))
+        return self.comm.gather_flat(mine, self.counts)
+
+    def add_sampled(self, values: torch.Tensor) -> None:
+        if self.comm.grouped:
+            ends = torch.tensor(self.counts).cumsum(0).tolist()
+            values = self.comm.reduce_scatter_flat(values, list(zip([0] + ends[:-1], ends)))
+        self.d.window.add_sampled(values.to(self.d.base.device, torch.float32))
+
+
 class SeftMethod:
     """The sparse delta: slot AdamW on δ, window scores before each update, drop/grow/adapt."""
 
@@ -135,19 +166,13 @@ class SeftMethod:
                     d.window.load_state_dict(saved)
 
     def set_capture(self, on: bool) -> None:
-        """Window scores fed by every backward (each target's dense G over this rank's shard) or
-        not."""
-        dtype = self.backend.grad_dtype
+        """Window scores fed by every backward (a tap on each target) or not."""
         for d in self.deltas:
             mod = self.modules[d.name]
             if not on:
-                mod.seft_dense_grad_hook = None
-                continue
-
-            def hook(G: torch.Tensor, d: SparseDelta = d) -> None:
-                shard = self.comm.reduce_scatter_flat(G, self.bounds[d.name], dtype)
-                d.window.add(shard.to(d.base.device, torch.float32))
-            mod.seft_dense_grad_hook = hook
+                mod.seft_window = None
+            elif mod.seft_window is None:
+                mod.seft_window = Tap(d, self.comm, self.bounds[d.name], self.backend.grad_dtype)
 
     # -- the loop's calls -----------------------------------------------------------------------
     def init_state(self) -> None:

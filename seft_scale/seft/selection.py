@@ -125,14 +125,36 @@ def select_topk(
     """
     for s in scores:
         check_scores(s, "select_topk")
-    keys = [score_keys(s.reshape(-1), p.reshape(-1), largest) for s, p in zip(scores, positions)]
+    kept = [_local_bound(s.reshape(-1), kk, largest) for s, kk in zip(scores, k)]
+    keys = [score_keys(s.reshape(-1)[m], p.reshape(-1)[m], largest)
+            for s, p, m in zip(scores, positions, kept)]
     sel = RadixSelect(keys, k)
     while not sel.finished:
         hist = sel.histogram()
         if allreduce is not None:
             hist = allreduce(hist)
         sel.advance(hist)
-    return [sel.selected(i) for i in range(len(keys))]
+    out = []
+    for i, (s, m) in enumerate(zip(scores, kept)):
+        chosen = torch.zeros(s.numel(), dtype=torch.bool, device=s.device)
+        chosen[m] = sel.selected(i)
+        out.append(chosen)
+    return out
+
+
+def _local_bound(s: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """Indices of the local entries that can be among the global top-k: every score at least
+    this rank's k-th largest (ties included). An entry of the global top-k has fewer than k
+    entries above it anywhere, so fewer than k here: the radix select runs over at most about k
+    entries per rank instead of all of them, and chooses exactly as over all."""
+    if k <= 0 or s.numel() <= k:
+        return torch.arange(s.numel(), device=s.device) if k > 0 else s.new_zeros(0, dtype=torch.int64)
+    f = s.detach().to(torch.float32)
+    if largest:
+        bound = torch.kthvalue(f, s.numel() - k + 1).values
+        return torch.nonzero(f >= bound).reshape(-1)
+    bound = torch.kthvalue(f, k).values
+    return torch.nonzero(f <= bound).reshape(-1)
 
 
 def rounds_needed_upper_bound() -> int:

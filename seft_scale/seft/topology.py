@@ -26,7 +26,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from seft_scale.seft.delta import SparseDelta
+from seft_scale.seft.delta import SparseDelta, member
 from seft_scale.seft.selection import Allreduce, select_topk
 from seft_scale.sparsity import nm_shard_groups
 
@@ -115,7 +115,7 @@ def topology_update(deltas: Sequence[SparseDelta], drop_fraction: float, seed_fn
     cands = []
     for d, dr in zip(deltas, drop):
         cand = d.window.grow_candidates()
-        free = ~torch.isin(cand + d.offset, d.pos[~dr])
+        free = ~member(d.pos[~dr], cand + d.offset)
         if restricted:
             free &= d.in_support(cand)
         cands.append(cand[free])
@@ -124,10 +124,10 @@ def topology_update(deltas: Sequence[SparseDelta], drop_fraction: float, seed_fn
 
     grown_local, local_stats = [], []
     for d, dr, c, gr in zip(deltas, drop, cands, grow):
-        grow_pos = c[gr] + d.offset
-        both = torch.isin(d.pos, grow_pos) & dr  # dropped and regrown: the slot just stays
+        grow_pos = c[gr] + d.offset  # sorted: candidates are
+        both = member(grow_pos, d.pos) & dr  # dropped and regrown: the slot just stays
         dr = dr & ~both
-        grow_pos = grow_pos[~torch.isin(grow_pos, d.pos)]
+        grow_pos = grow_pos[~member(d.pos, grow_pos)]
         gidx = grow_pos - d.offset
         reactivated = int((~d.in_support(gidx)).sum())
         d.remove_slots(dr, merge_dropped)
@@ -149,7 +149,7 @@ def topology_update(deltas: Sequence[SparseDelta], drop_fraction: float, seed_fn
             cand = d.window.adapt_candidates() if criterion == "sensitivity" else None
             if cand is None:
                 cand = torch.nonzero(d.support()).reshape(-1)
-            cand = cand[d.in_support(cand) & ~torch.isin(cand, gidx)]
+            cand = cand[d.in_support(cand) & ~member(gidx, cand)]
             w = d.weights_at(cand)
             scores.append((w * d.window.grad_sum(cand, adapt=True)).abs()
                           if criterion == "sensitivity" else w.abs())

@@ -12,9 +12,12 @@ Two ways to keep them (`seft.window_scores`):
   candidate sets chosen by an exact global top-k of that micro-batch's G — the K positions of
   largest |G| for grow (the approach of SpIEL's SftSelector, Ansell et al. 2024) and, when adapt
   ranks by sensitivity, the max(K, 2·n_grow) support positions of smallest |W·G| — and sums G
-  (and G²) over the window at those positions only. Memory O(K) per matrix instead of O(n). The
-  sizes guarantee enough: at least n_grow candidates without a remaining slot, and at least the
-  overshoot after excluding the positions just grown.
+  (and G²) over the window at those positions only. Memory O(K) per matrix instead of O(n), and
+  only that first micro-batch needs the dense G: later window steps sample G at the candidates
+  in the slots' SDDMM (seft/kernels.py). The sizes guarantee enough: at least n_grow candidates
+  without a remaining slot, and at least the overshoot after excluding the positions just grown.
+  The candidates come from the first micro-batch, so runs that split a global batch into
+  different micro-batches (ranks x accumulation) choose from different first micro-batches.
 * ``dense``: fp32 sums over the whole shard (Σ G, Σ G² and the current step's G: 12 B per weight
   of the shard while a window is open): the exact reference for the ablation.
 
@@ -41,6 +44,9 @@ class DenseWindow:
         self.sumsq = torch.zeros_like(self.sum)
         self.step = torch.zeros_like(self.sum)
         self.steps = 0
+
+    def wants_dense(self) -> bool:
+        return True
 
     def add(self, g: torch.Tensor) -> None:
         """One micro-batch's G over the shard (fp32, summed over ranks)."""
@@ -92,29 +98,54 @@ class CandidateWindow:
         """The candidate sets from the first micro-batch's G (every rank calls it for the same
         matrix in the same backward, so the exact global top-k can all-reduce)."""
         d = self.d
-        support = d.support()
-        pool = torch.nonzero(support).reshape(-1) if self.restricted else \
-            torch.arange(d.length, device=g.device)
-        sel = select_topk([g[pool].abs()], [pool + d.offset], [self.grow_k], True, self.allreduce)[0]
-        self.grow_idx = pool[sel]
-        if self.adapt_k > 0:
-            pool = torch.nonzero(support).reshape(-1)
-            w = d.effective()[pool]
-            sel = select_topk([(w * g[pool]).abs()], [pool + d.offset], [self.adapt_k], False,
+        support = torch.nonzero(d.support()).reshape(-1) if self.restricted or self.adapt_k else None
+        if self.restricted:
+            sel = select_topk([g[support].abs()], [support + d.offset], [self.grow_k], True,
                               self.allreduce)[0]
-            self.adapt_idx = pool[sel]
+            self.grow_idx = support[sel]
+        else:
+            every = torch.arange(d.length, device=g.device)
+            sel = select_topk([g.abs()], [every + d.offset], [self.grow_k], True, self.allreduce)[0]
+            self.grow_idx = torch.nonzero(sel).reshape(-1)
+        if self.adapt_k > 0:
+            score = (d.weights_at(support) * g[support]).abs()
+            sel = select_topk([score], [support + d.offset], [self.adapt_k], False, self.allreduce)[0]
+            self.adapt_idx = support[sel]
         self.grow_sum = torch.zeros(len(self.grow_idx), dtype=torch.float32, device=g.device)
         self.grow_sumsq, self.grow_step = torch.zeros_like(self.grow_sum), torch.zeros_like(self.grow_sum)
         if self.adapt_idx is not None:
             self.adapt_sum = torch.zeros(len(self.adapt_idx), dtype=torch.float32, device=g.device)
             self.adapt_step = torch.zeros_like(self.adapt_sum)
+        self._index_samples()
+
+    def wants_dense(self) -> bool:
+        return self.grow_idx is None  # choosing the candidates needs every position's G once
 
     def add(self, g: torch.Tensor) -> None:
+        """One micro-batch's G over the whole shard (fp32, summed over ranks)."""
         if self.grow_idx is None:
             self._choose(g)
         self.grow_step += g[self.grow_idx]
         if self.adapt_idx is not None:
             self.adapt_step += g[self.adapt_idx]
+
+    def sample_positions(self) -> torch.Tensor:
+        """This shard's candidates (grow ∪ adapt) as sorted local positions."""
+        return self.sampled
+
+    def add_sampled(self, v: torch.Tensor) -> None:
+        """One micro-batch's G at `sample_positions()` (fp32, summed over ranks)."""
+        self.grow_step += v[self.grow_at]
+        if self.adapt_idx is not None:
+            self.adapt_step += v[self.adapt_at]
+
+    def _index_samples(self) -> None:
+        """The sampled positions (grow ∪ adapt) and where each set sits in them."""
+        both = self.grow_idx if self.adapt_idx is None else torch.cat([self.grow_idx, self.adapt_idx])
+        self.sampled = torch.unique(both)
+        self.grow_at = torch.searchsorted(self.sampled, self.grow_idx)
+        if self.adapt_idx is not None:
+            self.adapt_at = torch.searchsorted(self.sampled, self.adapt_idx)
 
     def end_step(self, scale: float) -> None:
         if self.grow_idx is None:  # a window step without a backward through this matrix
@@ -166,6 +197,7 @@ class CandidateWindow:
             self.adapt_idx = sd["adapt_pos"].to(dev) - self.d.offset
             self.adapt_sum = sd["adapt_sum"].to(dev)
             self.adapt_step = torch.zeros_like(self.adapt_sum)
+        self._index_samples()
 
 
 def open_window(d: SparseDelta, kind: str, n_grow: int, restricted: bool, sensitivity: bool,

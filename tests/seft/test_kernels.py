@@ -94,19 +94,41 @@ def test_sddmm_over_token_blocks_equals_dense():
     torch.testing.assert_close(got, (g2.t() @ x2).reshape(-1)[pos], rtol=1e-5, atol=1e-4)
 
 
-def test_hook_receives_dense_weight_gradient():
+class RecordingTap:
+    """A window tap that asks for the dense G or samples it at fixed positions."""
+
+    def __init__(self, dense, sample=None):
+        self.dense, self.sample, self.seen = dense, sample, []
+
+    def wants_dense(self):
+        return self.dense
+
+    def add_dense(self, G):
+        self.seen.append(G)
+
+    def positions(self):
+        return self.sample
+
+    def add_sampled(self, values):
+        self.seen.append(values)
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_window_tap_gets_the_dense_or_the_sampled_weight_gradient(dense):
     x, w, b, pos, vals = setup()
-    seen = []
     wr = w.clone().requires_grad_(True)
     y_ref = F.linear(x, wr + torch.zeros(24 * 40, dtype=torch.float64).index_add(0, pos, vals).view(24, 40), b)
     g_out = torch.randn_like(y_ref)
     y_ref.backward(g_out)
     vs = vals.clone().requires_grad_(True)
-    # the hook forces the dense path even when the sddmm kernel was chosen
-    linear_sparse_delta(x, w, b, vs, LocalSlots(pos, vs), "sddmm", seen.append).backward(g_out)
-    assert len(seen) == 1
-    torch.testing.assert_close(seen[0], wr.grad)
-    torch.testing.assert_close(vs.grad, wr.grad.reshape(-1)[pos])
+    sample = torch.cat([pos[:5], torch.tensor([1, 2, 3])]).unique()  # overlaps the slots
+    tap = RecordingTap(dense, sample)
+    # a tap asking for the dense G forces the dense path even when the sddmm kernel was chosen
+    linear_sparse_delta(x, w, b, vs, LocalSlots(pos, vs), "sddmm", tap).backward(g_out)
+    assert len(tap.seen) == 1
+    want = wr.grad if dense else wr.grad.reshape(-1)[sample]
+    torch.testing.assert_close(tap.seen[0], want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(vs.grad, wr.grad.reshape(-1)[pos], rtol=1e-12, atol=1e-12)
 
 
 def test_plain_step_runs_no_weight_gradient_matmul():

@@ -201,3 +201,30 @@ def test_window_seeds_use_the_mean_square_on_the_clipped_scale():
         d.window.end_step(scale)
     mean, mean_sq = d.window.seed_stats(torch.tensor([2]))
     assert mean.tolist() == [0.0] and mean_sq.tolist() == [4.0]  # (2 + -2)/2, (4 + 4)/2
+
+
+def test_candidate_windows_sum_like_dense_ones_at_their_candidates():
+    # the first micro-batch chooses (dense G); later ones arrive sampled at the candidates
+    probs = full_problem(seed=6)
+    name, (theta, _) = next(iter(probs.items()))
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(theta.numel(), generator=g) for _ in range(3)]
+    dense = SparseDelta(name, SHAPES[name], 0, theta.clone(), int((theta != 0).sum()), 9)
+    cand = SparseDelta(name, SHAPES[name], 0, theta.clone(), int((theta != 0).sum()), 9)
+    dense.window = DenseWindow(dense)
+    cand.window = open_window(cand, "candidates", 4, False, True, None)
+    for i, G in enumerate(grads):
+        dense.window.add(G)
+        if i == 0:
+            assert cand.window.wants_dense()
+            cand.window.add(G)
+        else:
+            assert not cand.window.wants_dense()
+            cand.window.add_sampled(G[cand.window.sample_positions()])
+        dense.window.end_step(0.5)
+        cand.window.end_step(0.5)
+    for idx, adapt in ((cand.window.grow_candidates(), False), (cand.window.adapt_candidates(), True)):
+        torch.testing.assert_close(cand.window.grad_sum(idx, adapt), dense.window.grad_sum(idx))
+    idx = cand.window.grow_candidates()
+    for a, b in zip(cand.window.seed_stats(idx), dense.window.seed_stats(idx)):
+        torch.testing.assert_close(a, b)
