@@ -206,14 +206,9 @@ def test_bf16_from_the_ds_config(tmp_path):
 
 def test_a_dead_rank_makes_the_other_exit_with_a_clear_error(tmp_path):
     timeout_s = 20
-    port, results = free_port(), harness._ctx.Queue()
     args = (tmp_path / "dead", RUN, PARTITIONED, None, False, 3)  # rank 1 exits in step 3
-    procs = [harness._ctx.Process(target=harness._entry,
-                                  args=(run, r, 2, port, results, args, None, timeout_s))
-             for r in range(2)]
     t0 = time.perf_counter()
-    for p in procs:
-        p.start()
+    procs, results = harness.start_world(run, 2, *args, timeout_s=timeout_s)
     try:
         rank, status, value = results.get(timeout=timeout_s + 60)
     finally:
