@@ -5,7 +5,8 @@
 * no file imports a private (leading underscore) name of another module;
 * the layers: seft/ knows no backend, baseline, torch.distributed or DeepSpeed; backends/ know
   nothing of SEFT or the baselines; errors.py and paths.py are the bottom floor;
-* no file cites documents that are not in the repo or tracker issue numbers.
+* no file cites documents that are not in the repo or tracker issue numbers;
+* README's Architecture tree names every module and sub-package, and nothing that is gone.
 
 Every checker takes the root of a tree, so the tests at the end plant each kind of violation in
 a small tree under tmp_path and see the same checker catch it.
@@ -317,6 +318,26 @@ def stale_references(root: Path) -> list[str]:
     return found
 
 
+def readme_mismatches(root: Path, package: str = PACKAGE) -> list[str]:
+    """README's Architecture tree against the package: each top-level module and sub-package is
+    named there, and each file it names exists in the package."""
+    text = (root / "README.md").read_text()
+    section = text.split("## Architecture", 1)[1].split("\n## ", 1)[0] if "## Architecture" in text else ""
+    tree = section.split("```")[1] if section.count("```") >= 2 else ""
+    named = set(re.findall(r"\b([\w]+\.py|[\w]+/)", tree))
+    base = root / package
+    files = {p.name for p in base.rglob("*.py")} | {p.name for p in base.rglob("*.json")}
+    found = [f"README names {n}, which is not in {package}/" for n in sorted(named)
+             if n.endswith(".py") and n not in files]
+    for p in sorted(base.iterdir()):
+        if p.name == "__init__.py" or p.name.startswith((".", "__")):
+            continue
+        name = p.name + "/" if p.is_dir() else p.name
+        if (p.is_dir() or p.suffix == ".py") and name not in named:
+            found.append(f"README's Architecture does not name {package}/{name}")
+    return found
+
+
 # ------------------------------------------------------------------------- the tree as it is
 
 def test_no_import_cycle():
@@ -339,6 +360,10 @@ def test_layers():
 
 def test_no_references_outside_the_repo():
     assert stale_references(ROOT) == []
+
+
+def test_readme_architecture_matches_the_tree():
+    assert readme_mismatches(ROOT) == []
 
 
 def test_the_checkers_see_the_whole_package():
@@ -386,7 +411,9 @@ CLEAN = {
     "seft_scale/baselines/static.py": "from seft_scale.seft.method import ConfigError\n",
     "launch/train.py": "from seft_scale.config import ConfigError\n",
     "tests/test_x.py": "from seft_scale import config\n\ndef test():\n    assert config.ConfigError\n",
-    "README.md": "# x\n\nSee seft_scale/seft/method.py.\n",
+    "README.md": "# x\n\n## Architecture\n\n```\nseft_scale/\n  errors.py paths.py assets.py config.py "
+                 "model.py\n  seft/ method.py\n  backends/ base.py comm.py\n  baselines/ static.py\n```\n"
+                 "\n## Tests\n\nSee seft_scale/seft/method.py.\n",
 }
 
 
@@ -394,6 +421,7 @@ def test_the_clean_synthetic_tree_passes(tmp_path):
     root = plant(tmp_path, CLEAN)
     assert import_cycles(root) == [] and private_imports(root) == []
     assert layer_violations(root) == [] and stale_references(root) == []
+    assert readme_mismatches(root) == []
 
 
 ISSUE = "issue " + "12"  # split, here and below, so this file does not cite one itself
@@ -432,6 +460,10 @@ PLANTED = [
      "seft_scale.config"),
     (layer_violations, {"seft_scale/paths.py": "from seft_scale.assets import lookup\n"},
      "seft_scale.assets"),
+    (readme_mismatches, {"seft_scale/plots.py": "\n"}, "does not name seft_scale/plots.py"),
+    (readme_mismatches, {"seft_scale/prune/__init__.py": ""}, "does not name seft_scale/prune/"),
+    (readme_mismatches, {"README.md": CLEAN["README.md"].replace("base.py", "dist.py")},
+     "README names dist.py"),
     (stale_references, {"README.md": "as design" + ".md explains\n"}, "design" + ".md"),
     (stale_references, {"configs/runs/x.yaml": "# see Platform" + ".md\n"}, "Platform" + ".md"),
     (stale_references, {"seft_scale/model.py": f"# fixed in {ISSUE}\n"}, ISSUE),
