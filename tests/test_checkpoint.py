@@ -31,7 +31,8 @@ def test_save_latest_and_keep(tmp_path):
     state = load_trainer_state(latest_checkpoint(tmp_path))
     assert state == {"data_position": 120, "step": 30, "world_size": 1}
     saved = load_file(str(tmp_path / CKPT_DIR / "step_00000030" / rank_file(0)))
-    assert saved.keys() == tensors(30).keys() and all(torch.equal(saved[k], v) for k, v in tensors(30).items())
+    want = tensors(30)
+    assert saved.keys() == want.keys() and all(torch.equal(saved[k], v) for k, v in want.items())
     save_checkpoint(tmp_path, 40, tensors(40), {}, keep=1)
     assert steps(tmp_path) == ["latest", "step_00000040"]
 
@@ -100,6 +101,7 @@ def test_every_rank_writes_its_own_file(tmp_path):
         t.join(60)
     assert not errors, errors
     ckpt = latest_checkpoint(tmp_path)
-    assert sorted(p.name for p in ckpt.iterdir()) == sorted([rank_file(r) for r in range(world)] + ["trainer.json"])
+    files = sorted([rank_file(r) for r in range(world)] + ["trainer.json"])
+    assert sorted(p.name for p in ckpt.iterdir()) == files
     assert [int(load_file(str(ckpt / rank_file(r)))["x"]) for r in range(world)] == [0, 1, 2]
     assert load_trainer_state(ckpt) == {"who": "rank 0", "step": 7, "world_size": 3}
