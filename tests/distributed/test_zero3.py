@@ -226,8 +226,10 @@ def test_real_deepspeed_launcher_end_to_end(tmp_path):
     out = tmp_path / "launched"
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # the backend sets it
     env.update(DS_ACCELERATOR="cpu", SEFT_DIST_TIMEOUT="120")
-    cmd = [str(ROOT / ".venv" / "bin" / "deepspeed") if (ROOT / ".venv" / "bin" / "deepspeed").exists()
-           else shutil.which("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+    # the launcher of the environment running the tests (a worktree has no .venv of its own)
+    launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or shutil.which("deepspeed")
+    assert launcher, f"no deepspeed launcher beside {sys.executable} or on PATH"
+    cmd = [launcher, "--num_gpus", "2", "--master_port", str(free_port()),
            str(ROOT / "launch" / "train.py"), "--deepspeed_config", str(ROOT / "configs" / "ds" / "zero3.json"),
            "--config", TINY, "--output-dir", str(out), "--no-progress",
            # no held-out pass: export follows the last backward (ZeRO must have released its weights)
