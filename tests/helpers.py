@@ -1,4 +1,5 @@
-"""Test helpers: shard simulation in one process (threads), SEFT over a backend without a run."""
+"""Test helpers: shard simulation in one process (threads), SEFT over a backend without a run,
+and a short run of the tiny config."""
 from __future__ import annotations
 
 import threading
@@ -69,3 +70,32 @@ def seft_method(backend, model, seft=None, **run_fields):
     cfg = RunConfig(seft=seft or SeftConfig(), **run_fields)
     model = backend.wrap(model)
     return SeftMethod(cfg, backend, model, find_targets(model, cfg.seft.targets)), model
+
+
+# configs/runs/tiny.yaml shortened: 4 topology updates in 24 steps, budgets checked every step
+TINY_FAST = ["train.steps=24", "seft.update_interval=6", "seft.window=3", "train.check_invariants=true",
+             "train.eval_batches=2"]
+
+
+def train_tiny(tiny_yaml: str, out, *overrides: str, resume: bool = False) -> dict:
+    """A run of configs/runs/tiny.yaml with TINY_FAST and `overrides`, on one process."""
+    from seft_scale.config import load_config
+    from seft_scale.train import train
+
+    return train(load_config(tiny_yaml, TINY_FAST + list(overrides)), out, resume=resume, progress=False)
+
+
+def pruned_tiny_llama(pattern: str = "unstructured", seed: int = 0):
+    """A small random Llama (hidden 32, 2 layers, vocab 64) whose 14 projections keep the larger
+    half of each row by |W| (or, for an N:M pattern, the N largest of every M inputs)."""
+    from seft_scale.config import ModelConfig, TinyModelConfig
+    from seft_scale.model import build_tiny_llama, find_targets
+    from seft_scale.prune.masks import keep_mask
+
+    cfg = ModelConfig(tiny=TinyModelConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, seed=seed))
+    model = build_tiny_llama(cfg, 64, torch.float32, "sdpa")
+    with torch.no_grad():
+        for _, lin in find_targets(model, [r".*_proj"]):
+            lin.weight.mul_(keep_mask(lin.weight.abs(), 0.5, pattern))
+    return model

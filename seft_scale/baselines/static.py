@@ -36,3 +36,8 @@ class StaticMethod(TorchOptimMethod):
         for _, lin in self.targets:
             lin.weight.requires_grad_(False)
         return self.report(self.model, start_dir)
+
+    def local_counts(self) -> tuple[int, int]:
+        """Only the support trains (the mask zeroes every other gradient): B values, not d_out·d_in."""
+        budget = sum(self.budgets.values())
+        return budget, budget

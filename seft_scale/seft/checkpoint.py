@@ -72,6 +72,10 @@ def load_deltas(ckpt: Path, deltas: Sequence[SparseDelta]) -> dict[str, dict[str
         if covered != d.length:
             raise ValueError(f"{ckpt}: the saved shards of {d.name} cover {covered} of this rank's "
                              f"{d.length} positions")
+        if not d.length:  # an empty range (more ranks than partitions or rows) overlaps nothing
+            parts = {k: [v] for k, v in d.state_dict().items() if k not in ("mask", "grad_acc")}
+            if any(f"{d.name}/grad_acc" in h.keys() for h in handles):
+                grad_acc = torch.zeros(0, dtype=torch.float32)
         state = {k: torch.cat(v).to(d.base.device) for k, v in parts.items()}
         d.load_state_dict(state)
         if "steps" in window:

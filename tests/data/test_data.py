@@ -15,6 +15,7 @@ import torch
 from seft_scale.config import DataConfig, RunConfig
 from seft_scale.errors import ConfigError
 from seft_scale.data import IGNORE_INDEX, batch_indices, build_data, tokenizer_training_text
+from seft_scale.data import cache as data_cache
 from seft_scale.data.blocks import epoch_order
 from seft_scale.model import train_tokenizer
 
@@ -240,13 +241,11 @@ def test_cache_hit_skips_tokenizer_and_invalidates(tok, tmp_path, monkeypatch):
 
 
 def test_cache_write_is_atomic(tok, tmp_path, monkeypatch):
-    import safetensors.torch
-
     def crash(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    monkeypatch.setattr(data_cache, "save_file", crash)  # the name the cache writes with
     path = write_jsonl(tmp_path / "a.jsonl", ROWS)
     with pytest.raises(OSError, match="disk full"):
         build_data(cfg_for(path, tmp_path, kind="instruction", seq_len=256), tok)

@@ -50,18 +50,25 @@ def _entry(fn, rank, world, port, results, args, env, timeout_s):
             pass
 
 
+def start_world(fn, world: int, *args, timeout_s: float = 120, env: dict | None = None):
+    """Start fn(rank, world, *args) on `world` ranks and return at once: (processes, queue of
+    (rank, "ok" | "error", result or traceback)). For tests that watch the ranks themselves
+    (a rank that dies never reports); run_world waits for all of them."""
+    port, results = free_port(), _ctx.Queue()
+    procs = [_ctx.Process(target=_entry, args=(fn, r, world, port, results, args, env, timeout_s))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    return procs, results
+
+
 def run_world(fn, world: int, *args, timeout_s: float = 120, env: dict | None = None,
               allow_failures: bool = False) -> list:
     """fn(rank, world, *args) on `world` ranks; returns results by rank.
 
     With allow_failures, a rank's traceback is returned as its result (as a string starting
     with 'Traceback') instead of failing; ranks that never report give None."""
-    port = free_port()
-    results = _ctx.Queue()
-    procs = [_ctx.Process(target=_entry, args=(fn, r, world, port, results, args, env, timeout_s))
-             for r in range(world)]
-    for p in procs:
-        p.start()
+    procs, results = start_world(fn, world, *args, timeout_s=timeout_s, env=env)
     out: list = [None] * world
     errors = []
     try:

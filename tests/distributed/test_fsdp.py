@@ -187,17 +187,13 @@ def test_two_rank_checkpoint_reloads_at_1_and_3_ranks(tmp_path, cache, two_rank_
 
 def test_a_dead_rank_makes_the_other_exit_with_a_named_error(tmp_path, cache):
     """Rank 1 exits hard mid-run; rank 0 must fail fast with PeerFailure, not hang (group timeout
-    30 s). The harness's run_world would wait for rank 1's report, so the ranks are started here."""
-    results, port, timeout_s = harness._ctx.Queue(), harness.free_port(), 30
+    30 s). run_world would wait for rank 1's report, so the test watches the ranks itself."""
+    timeout_s = 30
     args = (str(ROOT / "configs" / "runs" / "tiny.yaml"), str(tmp_path / "dead"),
             RUN + [f"data.cache_dir={cache}"], False, None, 3)
-    procs = [harness._ctx.Process(target=harness._entry,
-                                  args=(train_worker, r, 2, port, results, args, None, timeout_s))
-             for r in range(2)]
-    for p in procs:
-        p.start()
+    t0 = time.monotonic()
+    procs, results = harness.start_world(train_worker, 2, *args, timeout_s=timeout_s)
     try:
-        t0 = time.monotonic()
         rank, status, value = results.get(timeout=timeout_s + 60)
         procs[1].join(30)
         assert procs[1].exitcode == 17  # the one that died

@@ -211,14 +211,9 @@ def test_bf16_from_the_ds_config(tmp_path):
 
 def test_a_dead_rank_makes_the_other_exit_with_a_clear_error(tmp_path):
     timeout_s = 20
-    port, results = free_port(), harness._ctx.Queue()
     args = (tmp_path / "dead", RUN, PARTITIONED, None, False, 3)  # rank 1 exits in step 3
-    procs = [harness._ctx.Process(target=harness._entry,
-                                  args=(run, r, 2, port, results, args, None, timeout_s))
-             for r in range(2)]
     t0 = time.perf_counter()
-    for p in procs:
-        p.start()
+    procs, results = harness.start_world(run, 2, *args, timeout_s=timeout_s)
     try:
         rank, status, value = results.get(timeout=timeout_s + 60)
     finally:
@@ -236,8 +231,10 @@ def test_real_deepspeed_launcher_end_to_end(tmp_path):
     out = tmp_path / "launched"
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # the backend sets it
     env.update(DS_ACCELERATOR="cpu", SEFT_DIST_TIMEOUT="120")
-    cmd = [str(ROOT / ".venv" / "bin" / "deepspeed") if (ROOT / ".venv" / "bin" / "deepspeed").exists()
-           else shutil.which("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+    # the launcher of the environment running the tests (a worktree has no .venv of its own)
+    launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or shutil.which("deepspeed")
+    assert launcher, f"no deepspeed launcher beside {sys.executable} or on PATH"
+    cmd = [launcher, "--num_gpus", "2", "--master_port", str(free_port()),
            str(ROOT / "launch" / "train.py"), "--deepspeed_config", str(ROOT / "configs" / "ds" / "zero3.json"),
            "--config", TINY, "--output-dir", str(out), "--no-progress",
            # no held-out pass: export follows the last backward (ZeRO must have released its weights)

@@ -4,7 +4,9 @@
 * N:M stays valid after every step;
 * a run interrupted after a checkpoint and resumed ends bit-identical to an uninterrupted one;
 * the export loads in a clean process that never imports seft_scale, with the reported nnz;
-* bad configs give the named error and write nothing."""
+* a slot budget larger than the support is refused before anything is trained.
+(Bad configs: tests/test_config.py; taken output folders: tests/test_run.py; exporting a
+checkpoint: tests/test_export.py.)"""
 import json
 import subprocess
 import sys
@@ -13,19 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from seft_scale.config import load_config
 from seft_scale.errors import ConfigError
 from seft_scale.seft.optim import SlotAdamW
-from seft_scale.train import train
-
-from tests.conftest import ROOT
-
-FAST = ["train.steps=24", "seft.update_interval=6", "seft.window=3", "train.check_invariants=true",
-        "train.eval_batches=2"]
-
-
-def run(tiny_yaml, out, *overrides, resume=False):
-    return train(load_config(tiny_yaml, FAST + list(overrides)), out, resume=resume, progress=False)
+from tests.helpers import train_tiny as run
 
 
 def test_budget_reactivation_and_clean_export(tiny_yaml, tmp_path):
@@ -103,53 +95,10 @@ def test_resume_is_bit_identical(tiny_yaml, tmp_path, monkeypatch):
     assert strip(tmp_path / "a" / "metrics.jsonl") == strip(tmp_path / "b" / "metrics.jsonl")
 
 
-@pytest.mark.parametrize("override, key", [
-    ("seft.drop_rat=0.1", "seft.drop_rat"),
-    ("seft.drop_rate=1.5", "seft.drop_rate"),
-    ("train.steps=abc", "train.steps"),
-    ("seft.drop_schedule=step", "seft.drop_schedule"),
-    ("prune.pattern=4:2", "prune.pattern"),
-    ("data.train=/nonexistent.txt", "data.train"),
-    ("model.path=/tmp", "model.path"),
-    ("seft.density=0.1", "seft.lora_rank/seft.density"),
-])
-def test_bad_config_named_error_nothing_written(tiny_yaml, tmp_path, override, key):
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_config(tiny_yaml, [override])
-    out = tmp_path / "never"
-    res = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--config", tiny_yaml,
-                          "--output-dir", str(out), override], capture_output=True, text=True)
-    assert res.returncode == 2 and key in res.stderr and not out.exists()
-
-
 def test_slot_budget_larger_than_support_is_refused_before_writing_slots(tiny_yaml, tmp_path):
     with pytest.raises(ConfigError, match="seft.lora_rank"):
         run(tiny_yaml, tmp_path / "k", "seft.lora_rank=40")
     assert not (tmp_path / "k" / "checkpoints").exists()
-
-
-def test_existing_output_is_never_overwritten(tiny_yaml, tmp_path):
-    out = tmp_path / "taken"
-    out.mkdir()
-    (out / "precious.txt").write_text("keep me")
-    with pytest.raises(ConfigError, match="not empty"):
-        run(tiny_yaml, out)
-    assert [p.name for p in out.iterdir()] == ["precious.txt"]
-
-
-def test_export_from_a_checkpoint_matches_the_run_export(tiny_yaml, tmp_path):
-    run(tiny_yaml, tmp_path / "r", "train.checkpoint_every=12")
-    res = subprocess.run([sys.executable, str(ROOT / "launch" / "export.py"), "--run", str(tmp_path / "r"),
-                          "--out", str(tmp_path / "again")], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-2000:]
-    a = load_file(str(tmp_path / "r" / "export" / "model.safetensors"))
-    b = load_file(str(tmp_path / "again" / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    # an earlier checkpoint exports too, and a taken folder is refused
-    res = subprocess.run([sys.executable, str(ROOT / "launch" / "export.py"), "--run", str(tmp_path / "r"),
-                          "--checkpoint", str(tmp_path / "r" / "checkpoints" / "step_00000012"),
-                          "--out", str(tmp_path / "again")], capture_output=True, text=True)
-    assert res.returncode == 2 and "--out" in res.stderr
 
 
 def test_activation_checkpointing_changes_memory_not_results(tiny_yaml, tmp_path):

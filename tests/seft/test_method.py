@@ -1,0 +1,106 @@
+"""SeftMethod (seft_scale/seft/method.py) on the local backend: budgets from the pruned weights,
+a slot budget larger than the support refused by name, and the merge: θ + S written into the
+shard, plain Linears again, and the report equal to the whole-matrix report of the merged weight."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from seft_scale.backends import LocalBackend
+from seft_scale.config import PruneConfig, SeftConfig
+from seft_scale.errors import ConfigError
+from seft_scale.seft.budget import slot_capacity
+from seft_scale.seft.kernels import SparseDeltaLinear
+from seft_scale.seft.optim import SlotAdamW
+from seft_scale.sparsity import matrix_report
+from tests.helpers import pruned_tiny_llama, seft_method
+
+CPU = torch.device("cpu")
+OPT = SlotAdamW(1e-3)
+
+
+@pytest.fixture(scope="module")
+def pruned():
+    return {"unstructured": pruned_tiny_llama(), "2:4": pruned_tiny_llama("2:4")}
+
+
+def test_budgets_and_capacities(pruned):
+    model = copy.deepcopy(pruned["unstructured"])
+    weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    method, _ = seft_method(LocalBackend(CPU), model, SeftConfig(lora_rank=2))
+    assert len(method.deltas) == 14 and method.numel == sum(d.numel for d in method.deltas)
+    for d in method.deltas:
+        w = weights[d.name]
+        assert d.budget == int((w != 0).sum()) == w.numel() // 2
+        assert d.capacity == slot_capacity(tuple(w.shape), method.cfg.seft) == 2 * sum(w.shape)
+        assert torch.equal(d.mask, (w != 0).reshape(-1)) and d.offset == 0
+        assert isinstance(method.modules[d.name], SparseDeltaLinear)
+    assert all(not p.requires_grad for p in model.parameters())  # θ is frozen
+    method.init_state()
+    assert method.local_counts() == (sum(d.budget for d in method.deltas),
+                                     sum(d.capacity for d in method.deltas))
+    method.check()
+
+
+@pytest.mark.parametrize("seft, key, first", [
+    (SeftConfig(lora_rank=6), "seft.lora_rank", "k_proj would get K=288 slots but has only 256"),
+    (SeftConfig(lora_rank=None, density=0.6), "seft.density",
+     "q_proj would get K=614 slots but has only 512"),
+])
+def test_more_slots_than_nonzeros_is_refused(pruned, seft, key, first):
+    model = copy.deepcopy(pruned["unstructured"])
+    with pytest.raises(ConfigError) as e:
+        seft_method(LocalBackend(CPU), model, seft)
+    assert str(e.value).startswith(f"{key}: model.layers.0.self_attn.{first} nonzeros")
+    assert f"lower {key}" in str(e.value)
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+@pytest.mark.parametrize("with_start", [True, False])
+def test_merge_writes_theta_plus_s_and_reports(pruned, tmp_path, pattern, with_start):
+    model = copy.deepcopy(pruned[pattern])
+    start_dir = None
+    if with_start:
+        start_dir = tmp_path / "start"
+        model.save_pretrained(start_dir, safe_serialization=True)
+    method, model = seft_method(LocalBackend(CPU), model, SeftConfig(lora_rank=2),
+                                prune=PruneConfig(pattern=pattern))
+    method.init_state()
+    nm = PruneConfig(pattern=pattern).nm
+    g = torch.Generator().manual_seed(1)
+    expected, starts = {}, {}
+    for d in method.deltas:
+        starts[d.name] = d.base.detach().clone().view(d.shape)
+        if nm is None:  # as after an update: a slot moved to a pruned position, adapt pruned one
+            free = torch.nonzero(~d.mask).reshape(-1)[0]
+            slotted = torch.zeros_like(d.mask)
+            slotted[d.local_index()] = True
+            unslotted = torch.nonzero(d.mask & ~slotted).reshape(-1)[0]
+            d.keep_slots(torch.arange(len(d.pos)) != 0)
+            d.add_slots(free.reshape(1), *OPT.seed(torch.zeros(1), 0))
+            d.mask[free], d.mask[unslotted] = True, False
+            with torch.no_grad():
+                d.base[unslotted] = 0.0
+        d.values = torch.randn(len(d.pos), generator=g).requires_grad_()
+        w = d.base.detach().clone()
+        w[d.local_index()] = (w[d.local_index()].to(torch.float32) + d.values.detach()).to(w.dtype)
+        expected[d.name] = w.view(d.shape)
+    x = torch.randint(0, 64, (2, 9))
+    before = model(input_ids=x).logits
+    report = method.merge(start_dir)
+    after = model(input_ids=x).logits
+    assert torch.allclose(before, after, atol=1e-5)  # the merged model computes what θ + S did
+    modules = dict(model.named_modules())
+    for d in method.deltas:
+        lin = modules[d.name]
+        assert type(lin) is nn.Linear and not hasattr(lin, "seft_slots")
+        assert torch.equal(lin.weight, expected[d.name])
+        want = matrix_report(lin.weight.detach(), d.mask.view(d.shape),
+                             starts[d.name] if with_start else None, d.budget, nm)
+        assert report[d.name] == want
+        assert ("reactivated" in want) == with_start and ("nm_valid" in want) == (nm is not None)
+        if with_start and nm is None:
+            assert (want["reactivated"], want["pruned_from_start"]) == (1, 1)
+    if nm is not None:
+        assert all(r["nm_valid"] for r in report.values())
