@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from seft_scale.backends import LocalBackend
+from seft_scale.backends.local import LocalBackend
 from seft_scale.config import RunConfig, load_config
 from seft_scale.data import tokenizer_training_text
 from seft_scale.errors import ConfigError

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+import torch
 import yaml
 
 from seft_scale.errors import ConfigError
@@ -31,6 +32,16 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     if not 0 < n < m:
         raise ValueError(f"sparsity pattern {pattern!r}: need 0 < N < M")
     return n, m
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on CUDA, fp32 on CPU (bf16 matmuls are ~15x slower than fp32 on AVX2 cores)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
 
 
 def _need(ok: bool, key: str, msg: str) -> None:

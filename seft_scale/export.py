@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from seft_scale.backends import LocalBackend
+from seft_scale.backends.local import LocalBackend
 from seft_scale.checkpoint import latest_checkpoint, load_trainer_state
 from seft_scale.errors import ConfigError
 from seft_scale.methods import make_method

@@ -17,18 +17,8 @@ from torch import nn
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig,
                           LlamaForCausalLM, PreTrainedTokenizerFast)
 
-from seft_scale.config import ModelConfig
+from seft_scale.config import ModelConfig, resolve_dtype
 from seft_scale.errors import ConfigError
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 on CUDA, fp32 on CPU (bf16 matmuls are ~15x slower than fp32 on AVX2 cores)."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]
-
 
 def resolve_attn(name: str, device: torch.device) -> str:
     """auto: flash-attn 2 when installed and on CUDA, else PyTorch sdpa."""

@@ -16,7 +16,8 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from seft_scale.backends import Backend, LocalBackend
+from seft_scale.backends.base import Backend
+from seft_scale.backends.local import LocalBackend
 from seft_scale.checkpoint import load_trainer_state, save_checkpoint
 from seft_scale.config import RunConfig, TrainConfig
 from seft_scale.data import TokenSplit, batch_indices, build_data, tokenizer_training_text

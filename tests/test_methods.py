@@ -6,7 +6,7 @@ import typing
 import pytest
 import torch
 
-from seft_scale.backends import LocalBackend
+from seft_scale.backends.local import LocalBackend
 from seft_scale.config import RunConfig, SeftConfig, load_config
 from seft_scale.errors import ConfigError
 from seft_scale.methods import METHODS, make_method, trainable_count

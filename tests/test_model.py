@@ -8,11 +8,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from seft_scale.config import ModelConfig, TinyModelConfig
+from seft_scale.config import ModelConfig, TinyModelConfig, resolve_dtype
 from seft_scale.errors import ConfigError
 from seft_scale.model import (SafetensorsFolder, build_tiny_llama, find_targets, has_weights,
-                              load_model, resolve_attn, resolve_dtype, save_model, skeleton,
-                              train_tokenizer)
+                              load_model, resolve_attn, save_model, skeleton, train_tokenizer)
 
 CFG = ModelConfig(tiny=TinyModelConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=300,

@@ -104,7 +104,7 @@ def test_activation_line_is_what_a_forward_saves_for_backward(dtype):
     """The bytes a real HF Llama forward with SEFT attached keeps for backward (every tensor
     packed by autograd, by storage, except parameters, slots and the loss's own) == the plan's
     'activations'."""
-    from seft_scale.backends import LocalBackend
+    from seft_scale.backends.local import LocalBackend
     from seft_scale.config import ModelConfig, TinyModelConfig
     from seft_scale.model import build_tiny_llama, find_targets
     from seft_scale.prune.magnitude import prune_magnitude

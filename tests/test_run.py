@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from seft_scale.backends import LocalBackend
+from seft_scale.backends.local import LocalBackend
 from seft_scale.checkpoint import save_checkpoint
 from seft_scale.config import load_config
 from seft_scale.data import tokenizer_training_text

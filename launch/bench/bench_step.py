@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from seft_scale.backends import LocalBackend
+from seft_scale.backends.local import LocalBackend
 from seft_scale.config import ModelConfig, RunConfig, SeftConfig, TinyModelConfig, TrainConfig
 from seft_scale.model import build_tiny_llama, find_targets, load_model
 from seft_scale.prune.masks import keep_mask

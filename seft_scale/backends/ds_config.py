@@ -10,9 +10,8 @@ from typing import Optional
 
 import torch
 
-from seft_scale.config import RunConfig
+from seft_scale.config import RunConfig, resolve_dtype
 from seft_scale.errors import ConfigError
-from seft_scale.model import resolve_dtype
 
 
 def default_ds_config() -> dict:

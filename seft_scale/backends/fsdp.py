@@ -36,12 +36,9 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from seft_scale.backends.base import TargetShard
 from seft_scale.backends.comm import Comm, init_distributed
-from seft_scale.config import FSDPConfig
+from seft_scale.config import DTYPES, FSDPConfig
 from seft_scale.errors import ConfigError
 from seft_scale.model import load_on_rank0
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 class FSDPBackend:
     """One process per device under torchrun; see the module docstring for the layout."""
@@ -54,7 +51,7 @@ class FSDPBackend:
         self.comm = Comm()
         self.device = torch.device("cuda", local_rank) if torch.cuda.is_available() \
             else torch.device("cpu")
-        self.grad_dtype = _DTYPES[self.cfg.reduce_dtype]
+        self.grad_dtype = DTYPES[self.cfg.reduce_dtype]
         self.model: Optional[nn.Module] = None
         self._shards: dict[str, TargetShard] = {}
 
@@ -68,7 +65,7 @@ class FSDPBackend:
             p.requires_grad_(False)
         full_state = model.state_dict() if self.rank == 0 else {}
         param_dtype = None if self.cfg.param_dtype == "auto" and self.device.type != "cuda" \
-            else _DTYPES["bfloat16" if self.cfg.param_dtype == "auto" else self.cfg.param_dtype]
+            else DTYPES["bfloat16" if self.cfg.param_dtype == "auto" else self.cfg.param_dtype]
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=self.grad_dtype)
         blocks = set(getattr(model, "_no_split_modules", None) or [])
         layers = [m for m in model.modules() if type(m).__name__ in blocks]

@@ -56,26 +56,25 @@ def load_deltas(ckpt: Path, deltas: Sequence[SparseDelta]) -> dict[str, dict[str
                 window["steps"] = h.get_tensor(f"{d.name}/window.steps")
             s_off, s_len = h.get_tensor(f"{d.name}/offset").tolist()
             a, b = max(lo, s_off), min(hi, s_off + s_len)
+            for key, companions in _BY_POSITION.items():  # read even where no range overlaps:
+                if f"{d.name}/{key}" not in keys:        # an empty share is still a share
+                    continue
+                pos = h.get_tensor(f"{d.name}/{key}")
+                keep = (pos >= a) & (pos < b)
+                for k in (key, *companions):
+                    parts.setdefault(k, []).append(h.get_tensor(f"{d.name}/{k}")[keep])
             if a >= b:
                 continue
             covered += b - a
             for key in _BY_RANGE:
                 if f"{d.name}/{key}" in keys:
                     parts.setdefault(key, []).append(h.get_slice(f"{d.name}/{key}")[a - s_off: b - s_off])
-            for key, companions in _BY_POSITION.items():
-                if f"{d.name}/{key}" not in keys:
-                    continue
-                pos = h.get_tensor(f"{d.name}/{key}")
-                keep = (pos >= a) & (pos < b)
-                for k in (key, *companions):
-                    parts.setdefault(k, []).append(h.get_tensor(f"{d.name}/{k}")[keep])
+        for key in _BY_RANGE:  # an empty range (more ranks than partitions or rows) overlaps nothing
+            if key not in parts and any(f"{d.name}/{key}" in h.keys() for h in handles):
+                parts[key] = [torch.zeros(0, dtype=torch.float32)]
         if covered != d.length:
             raise ValueError(f"{ckpt}: the saved shards of {d.name} cover {covered} of this rank's "
                              f"{d.length} positions")
-        if not d.length:  # an empty range (more ranks than partitions or rows) overlaps nothing
-            parts = {k: [v] for k, v in d.state_dict().items() if k not in ("mask", "grad_acc")}
-            if any(f"{d.name}/grad_acc" in h.keys() for h in handles):
-                grad_acc = torch.zeros(0, dtype=torch.float32)
         state = {k: torch.cat(v).to(d.base.device) for k, v in parts.items()}
         d.load_state_dict(state)
         if "steps" in window:

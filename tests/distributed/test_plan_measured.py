@@ -67,7 +67,8 @@ def heap_peak(fn) -> int:
 def measure_worker(rank, world, backend_name, model_dir, dtype="float32", zero=None, checkpointing=False,
                    scores="candidates"):
     """Build the backend, attach SEFT, then measure resident state and the three phase peaks."""
-    from seft_scale.backends import LocalBackend, make_backend
+    from seft_scale.backends import make_backend
+    from seft_scale.backends.local import LocalBackend
     from seft_scale.config import ModelConfig, RunConfig, SeftConfig, TrainConfig
     from seft_scale.model import find_targets
     from seft_scale.seft.method import SeftMethod

@@ -9,12 +9,15 @@ from seft_scale.seft.checkpoint import delta_tensors, load_deltas
 from seft_scale.seft.delta import SparseDelta
 from seft_scale.seft.optim import SlotAdamW
 from seft_scale.seft.topology import check_budget, init_slots, topology_update
+from seft_scale.seft.window import DenseWindow, open_window
 from tests.helpers import ThreadGroup, shard_bounds
 
 SHAPES = {"model.layers.0.q": (12, 16), "model.layers.0.k": (7, 12), "model.layers.1.q": (16, 8)}
 CAPACITY = 9
 OPT = SlotAdamW(1e-2)
-FIELDS = ("base", "mask", "edited", "grad_acc", "pos", "values", "exp_avg", "exp_avg_sq", "age")
+FIELDS = ("base", "support", "edited", "zeros", "pos", "values", "exp_avg", "exp_avg_sq", "age")
+WINDOW = {"dense": ("sum", "sumsq"),
+          "candidates": ("grow_pos", "grow_sum", "grow_sumsq", "adapt_pos", "adapt_sum")}
 
 
 def starting_weights() -> dict[str, torch.Tensor]:
@@ -50,23 +53,27 @@ def shards(theta: dict, rank: int, world: int, split: str) -> list[SparseDelta]:
     return out
 
 
-def trained_state(out, world: int, split: str):
+def trained_state(out, world: int, split: str, kind: str = "candidates"):
     """Slots placed, trained (a deterministic stand-in), one topology update that edits θ, and a
     selection window in progress; saved as a checkpoint by `world` thread ranks."""
     theta = starting_weights()
 
     def rank(r, allreduce):
         deltas = shards(theta, r, world, split)
-        init_slots(deltas, seed=3, seed_fn=lambda g: OPT.seed(g, 0), allreduce=allreduce)
+        init_slots(deltas, seed=3, seed_fn=OPT.seed, allreduce=allreduce)
         for d in deltas:
             gpos = torch.arange(d.length) + d.offset
             d.values = (torch.sin(d.pos.double() * 1.7).float()).requires_grad_()
             d.exp_avg, d.exp_avg_sq = torch.cos(d.pos.float()), torch.sin(d.pos.float()) ** 2
-            d.grad_acc = torch.cos(gpos.double() * 0.3).float()
-        topology_update(deltas, 0.5, 5, lambda g: OPT.seed(g, 5), allreduce=allreduce)
+            d.window = DenseWindow(d)
+            d.window.add(torch.cos(gpos.double() * 0.3).float())
+            d.window.end_step(1.0)
+        topology_update(deltas, 0.5, OPT.seed, allreduce=allreduce)
         check_budget(deltas, allreduce)
-        for d in deltas:  # the next window has begun
-            d.grad_acc = torch.sin(torch.arange(d.length, dtype=torch.float32) + d.offset)
+        for d in deltas:  # the next window has begun: one step of it is in the scores
+            d.window = open_window(d, kind, 4, False, True, allreduce)
+            d.window.add(torch.sin(torch.arange(d.length, dtype=torch.float32) + d.offset))
+            d.window.end_step(0.5)
         save_checkpoint(out, 12, delta_tensors(deltas), {}, rank=r, world=world,
                         barrier=lambda: allreduce(torch.zeros(1)))
         return deltas
@@ -74,12 +81,22 @@ def trained_state(out, world: int, split: str):
     return theta, ThreadGroup(world).run(rank)
 
 
+def shard_state(d: SparseDelta) -> dict:
+    edited = torch.zeros(d.length, dtype=torch.bool)
+    edited[d.edited.positions()] = True
+    out = {"support": d.support(), "edited": edited}
+    out.update({f: getattr(d, f).detach() for f in FIELDS if f not in out})
+    w = d.window.state_dict() if d.window is not None else {}
+    out.update({f"window.{k}": v for k, v in w.items() if k != "steps"})
+    return out
+
+
 def full_state(per_rank: list[list[SparseDelta]]) -> dict:
     """Each matrix's state over all shards, in rank (= flat position) order."""
     state = {}
     for i, name in enumerate(SHAPES):
-        parts = [deltas[i] for deltas in per_rank]
-        state[name] = {f: torch.cat([getattr(p, f).detach() for p in parts]) for f in FIELDS}
+        parts = [shard_state(deltas[i]) for deltas in per_rank]
+        state[name] = {f: torch.cat([p[f] for p in parts]) for f in parts[0]}
     return state
 
 
@@ -87,21 +104,27 @@ CASES = [(1, "zero", 3, "zero"), (3, "zero", 1, "zero"), (2, "zero", 3, "rows"),
          (3, "zero", 3, "skewed"), (4, "skewed", 3, "rows"), (2, "rows", 4, "skewed")]
 
 
+@pytest.mark.parametrize("kind", ["candidates", "dense"])
 @pytest.mark.parametrize("w_save, split_save, w_load, split_load", CASES)
-def test_reshard_to_any_world_size(tmp_path, w_save, split_save, w_load, split_load):
-    theta, saved = trained_state(tmp_path, w_save, split_save)
+def test_reshard_to_any_world_size(tmp_path, w_save, split_save, w_load, split_load, kind):
+    theta, saved = trained_state(tmp_path, w_save, split_save, kind)
     ref = full_state(saved)
     assert any(bool(s["edited"].any()) for s in ref.values())  # θ was edited: edits are restored
     ckpt = latest_checkpoint(tmp_path)
     loaded = []
     for r in range(w_load):
         deltas = shards(theta, r, w_load, split_load)  # fresh shards of the starting θ
-        load_deltas(ckpt, deltas)
+        windows = load_deltas(ckpt, deltas)
+        for d in deltas:  # the window is reopened as the method does, then given its saved state
+            d.window = open_window(d, kind, 4, False, True, None)
+            d.window.load_state_dict(windows[d.name])
+            assert d.window.steps == 1
         loaded.append(deltas)
     got = full_state(loaded)
     for name in SHAPES:
-        for f in FIELDS:
-            a, b = ref[name][f], got[name][f]
+        assert set(ref[name]) == set(got[name]) >= set(FIELDS) | {f"window.{k}" for k in WINDOW[kind][:2]}
+        for f, a in ref[name].items():
+            b = got[name][f]
             assert a.dtype == b.dtype and torch.equal(a, b), (name, f)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from seft_scale.backends import LocalBackend
+from seft_scale.backends.local import LocalBackend
 from seft_scale.config import PruneConfig, SeftConfig
 from seft_scale.errors import ConfigError
 from seft_scale.seft.budget import slot_capacity
@@ -34,7 +34,7 @@ def test_budgets_and_capacities(pruned):
         w = weights[d.name]
         assert d.budget == int((w != 0).sum()) == w.numel() // 2
         assert d.capacity == slot_capacity(tuple(w.shape), method.cfg.seft) == 2 * sum(w.shape)
-        assert torch.equal(d.mask, (w != 0).reshape(-1)) and d.offset == 0
+        assert torch.equal(d.support(), (w != 0).reshape(-1)) and d.offset == 0
         assert isinstance(method.modules[d.name], SparseDeltaLinear)
     assert all(not p.requires_grad for p in model.parameters())  # θ is frozen
     method.init_state()
@@ -73,19 +73,19 @@ def test_merge_writes_theta_plus_s_and_reports(pruned, tmp_path, pattern, with_s
     for d in method.deltas:
         starts[d.name] = d.base.detach().clone().view(d.shape)
         if nm is None:  # as after an update: a slot moved to a pruned position, adapt pruned one
-            free = torch.nonzero(~d.mask).reshape(-1)[0]
-            slotted = torch.zeros_like(d.mask)
+            support = d.support()
+            free = torch.nonzero(~support).reshape(-1)[0]
+            slotted = torch.zeros_like(support)
             slotted[d.local_index()] = True
-            unslotted = torch.nonzero(d.mask & ~slotted).reshape(-1)[0]
+            unslotted = torch.nonzero(support & ~slotted).reshape(-1)[0]
             d.keep_slots(torch.arange(len(d.pos)) != 0)
-            d.add_slots(free.reshape(1), *OPT.seed(torch.zeros(1), 0))
-            d.mask[free], d.mask[unslotted] = True, False
-            with torch.no_grad():
-                d.base[unslotted] = 0.0
+            d.add_slots(free.reshape(1), *OPT.seed(torch.zeros(1), torch.zeros(1), 0))
+            d.prune(unslotted.reshape(1))
         d.values = torch.randn(len(d.pos), generator=g).requires_grad_()
         w = d.base.detach().clone()
         w[d.local_index()] = (w[d.local_index()].to(torch.float32) + d.values.detach()).to(w.dtype)
         expected[d.name] = w.view(d.shape)
+    supports = {d.name: d.support() for d in method.deltas}
     x = torch.randint(0, 64, (2, 9))
     before = model(input_ids=x).logits
     report = method.merge(start_dir)
@@ -96,7 +96,7 @@ def test_merge_writes_theta_plus_s_and_reports(pruned, tmp_path, pattern, with_s
         lin = modules[d.name]
         assert type(lin) is nn.Linear and not hasattr(lin, "seft_slots")
         assert torch.equal(lin.weight, expected[d.name])
-        want = matrix_report(lin.weight.detach(), d.mask.view(d.shape),
+        want = matrix_report(lin.weight.detach(), supports[d.name].view(d.shape),
                              starts[d.name] if with_start else None, d.budget, nm)
         assert report[d.name] == want
         assert ("reactivated" in want) == with_start and ("nm_valid" in want) == (nm is not None)
