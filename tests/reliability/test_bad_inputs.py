@@ -68,7 +68,7 @@ ROWS = [
      "data.seq_len: 600 exceeds the model's max_position_embeddings 512 ("),
     ("eval-seqlen", train, T(f"eval.ppl_data={TEXT}", "eval.seqlen=1024"),
      "eval.seqlen: 1024 exceeds the model's max_position_embeddings 512"),
-    ("prune-seqlen", train, T("prune.method=wanda", f"prune.calib_data={TEXT}"),
+    ("prune-seqlen-in-run", train, T("prune.method=wanda", f"prune.calib_data={TEXT}"),
      "prune.seqlen: 2048 exceeds the model's max_position_embeddings 512"),
     ("slots-over-budget", train, T("seft.lora_rank=20"),
      "seft.lora_rank: model.layers.0.self_attn.q_proj (64x64) would get K=2560 slots but has only "
@@ -99,7 +99,7 @@ ROWS = [
     ("prune-targets-flag", prune, lambda x: ["--model", x.pruned, "--method", "magnitude",
                                              "--targets", "nothing", "--out", str(x.out)],
      "--targets: ['nothing'] match no Linear module"),
-    ("prune-seqlen", prune, lambda x: ["--model", x.pruned, "--method", "wanda", "--calib-data", TEXT,
+    ("prune-cli-seqlen", prune, lambda x: ["--model", x.pruned, "--method", "wanda", "--calib-data", TEXT,
                                        "--seqlen", "4096", "--out", str(x.out)],
      "prune.seqlen (--seqlen): 4096 exceeds the model's max_position_embeddings 512"),
     ("prune-config-nm", prune, lambda x: ["--config", str(x.dir / "nm.yaml"), "--model", x.pruned,
@@ -162,7 +162,8 @@ def test_rows_without_a_response_are_dropped_and_counted(tmp_path, inputs):
     from seft_scale.config import DataConfig
     from seft_scale.data import build_data
     from seft_scale.model import train_tokenizer
-    rows = [json.loads(x) for x in (ROOT / "configs" / "data" / "arith_alpaca.jsonl").read_text().splitlines()]
+    source = ROOT / "configs" / "data" / "arith_alpaca.jsonl"
+    rows = [json.loads(x) for x in source.read_text().splitlines()]
     rows[0]["output"], rows[1]["output"] = None, ""
     del rows[2]["output"]
     path = tmp_path / "rows.jsonl"

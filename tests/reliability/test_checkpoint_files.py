@@ -59,7 +59,8 @@ def test_the_resume_point_skips_broken_newer_ones_and_set_aside_keeps_them(tmp_p
     point = find_resume_point(tmp_path)
     assert point.checkpoint.name == "step_00000002"
     assert [(c.name, r.split(" (")[0]) for c, r in point.unreadable] == [
-        ("step_00000006", "trainer.json does not parse"), ("step_00000004", "trainer.json names no step and world_size")]
+        ("step_00000006", "trainer.json does not parse"),
+        ("step_00000004", "trainer.json names no step and world_size")]
     kept = [set_aside(c) for c, _ in point.unreadable]
     (tmp_path / "checkpoints" / "step_00000006").mkdir()
     assert set_aside(tmp_path / "checkpoints" / "step_00000006").name == "step_00000006.unreadable-1"

@@ -29,7 +29,7 @@ def reference(tmp_path_factory, fast) -> Path:
 
 def assert_same_run(a: Path, b: Path) -> None:
     """Same export bit for bit, same per-matrix report and losses, same step history."""
-    wa, wb = load_file(str(a / "export" / "model.safetensors")), load_file(str(b / "export" / "model.safetensors"))
+    wa, wb = (load_file(str(r / "export" / "model.safetensors")) for r in (a, b))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     ra, rb = (json.loads((r / "report.json").read_text()) for r in (a, b))
     assert ra["matrices"] == rb["matrices"]
@@ -149,3 +149,21 @@ def test_export_refuses_an_incomplete_checkpoint_by_name(killed_at_step_5, tmp_p
         in capsys.readouterr().err
     assert export.main(argv[:2] + ["--out", str(tmp_path / "e")]) == 0  # the latest complete: step 2
     assert json.loads((tmp_path / "e" / "seft_report.json").read_text())["summary"]["steps"] == 2
+
+
+def test_a_damaged_starting_model_is_named_on_resume_and_rebuilt_once_removed(
+        reference, killed_at_step_5, fast, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(killed_at_step_5, run)
+    weights = run / "pruned" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    before = sorted(p.name for p in run.rglob("*"))
+    assert train.main(train_argv(run, *fast, resume=True)) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"error: --resume: {weights} is truncated or not a safetensors file"), line
+    assert line.endswith(f"remove {run / 'pruned'} and resume again to rebuild it (nothing else of "
+                         "the run is lost)")
+    assert sorted(p.name for p in run.rglob("*")) == before
+    shutil.rmtree(run / "pruned")
+    assert train.main(train_argv(run, *fast, resume=True)) == 0  # pruning is deterministic
+    assert_same_run(reference, run)

@@ -14,6 +14,34 @@ def die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def freeze() -> None:
+    os.kill(os.getpid(), signal.SIGSTOP)  # alive and silent, as a hung GPU or filesystem leaves it
+
+
+def after_checkpoint_file(step: int, then) -> None:
+    """`then()` once this process has written its rank file of checkpoint `step`."""
+    import seft_scale.checkpoint as checkpoint
+    real_save = checkpoint.save_file
+
+    def save_file(tensors, path, *a, **k):
+        real_save(tensors, path, *a, **k)
+        if f"step_{step:08d}" in path:
+            then()
+    checkpoint.save_file = save_file
+
+
+def at_step(step: int, then) -> None:
+    """`then()` when step `step` reaches its optimizer update (lr_at is asked for its rate)."""
+    import seft_scale.train as train_mod
+    real_lr = train_mod.lr_at
+
+    def lr_at(n, t):
+        if n == step:
+            then()
+        return real_lr(n, t)
+    train_mod.lr_at = lr_at
+
+
 def kill_at(point: str, argv: list[str], arg=None) -> None:
     """seft-train `argv`, killed at `point`:
     prune        inside pruning, before anything of the start model is saved;
@@ -25,10 +53,8 @@ def kill_at(point: str, argv: list[str], arg=None) -> None:
     import torch
 
     import seft_scale.backends.local as local
-    import seft_scale.checkpoint as checkpoint
     import seft_scale.export as export
     import seft_scale.run as run
-    import seft_scale.train as train_mod
     from seft_scale.cli.train import main
 
     torch.set_num_threads(1)  # as the suite's own runs (tests/reliability/conftest.py)
@@ -49,21 +75,9 @@ def kill_at(point: str, argv: list[str], arg=None) -> None:
     elif point == "report":
         export.write_text_atomic = lambda path, text: die()
     elif point == "checkpoint":
-        real_save = checkpoint.save_file
-
-        def save_file(tensors, path, *a, **k):
-            real_save(tensors, path, *a, **k)
-            if f"step_{arg:08d}" in path:
-                die()
-        checkpoint.save_file = save_file
+        after_checkpoint_file(arg, die)
     elif point == "step":
-        real_lr = train_mod.lr_at
-
-        def lr_at(step, t):
-            if step == arg:
-                die()
-            return real_lr(step, t)
-        train_mod.lr_at = lr_at
+        at_step(arg, die)
     else:
         raise ValueError(point)
     main(argv)
@@ -80,40 +94,26 @@ def run_killed(point: str, argv: list[str], arg=None, timeout_s: float = 300) ->
     return proc.exitcode
 
 
-def fsdp_worker(rank, world, argv: list[str], kill: str | None = None, at_step: int = 0):
+def fsdp_worker(rank, world, argv: list[str], kill: str | None = None, step: int = 0):
     """seft-train `argv` (--backend fsdp) on this gloo rank; returns its exit status. kill='die':
-    rank 1 SIGKILLs itself after writing its file of checkpoint `at_step`; kill='freeze': rank 1
+    rank 1 SIGKILLs itself after writing its file of checkpoint `step`; kill='freeze': rank 1
     stops itself (SIGSTOP: alive and silent, as a hung GPU or filesystem leaves a process) when
-    step `at_step` reaches its optimizer update."""
-    import seft_scale.checkpoint as checkpoint
-    import seft_scale.train as train_mod
+    step `step` reaches its optimizer update."""
     from seft_scale.cli.train import main
 
     if rank == 1 and kill == "die":
-        real_save = checkpoint.save_file
-
-        def save_file(tensors, path, *a, **k):
-            real_save(tensors, path, *a, **k)
-            if f"step_{at_step:08d}" in path:
-                die()
-        checkpoint.save_file = save_file
+        after_checkpoint_file(step, die)
     if rank == 1 and kill == "freeze":
-        real_lr = train_mod.lr_at
-
-        def lr_at(step, t):
-            if step == at_step:
-                os.kill(os.getpid(), signal.SIGSTOP)
-            return real_lr(step, t)
-        train_mod.lr_at = lr_at
+        at_step(step, freeze)
     return main(argv)
 
 
-def start_two_ranks(argv: list[str], kill: str, at_step: int, timeout_s: float):
+def start_two_ranks(argv: list[str], kill: str, step: int, timeout_s: float):
     """Both ranks of a 2-rank fsdp run started here (run_world waits for every rank's result,
     and the killed one never sends it); returns (the result queue, the two processes)."""
     results, port = harness._ctx.Queue(), harness.free_port()
     procs = [harness._ctx.Process(target=harness._entry, args=(
-        fsdp_worker, r, 2, port, results, (argv, kill, at_step), None, timeout_s)) for r in range(2)]
+        fsdp_worker, r, 2, port, results, (argv, kill, step), None, timeout_s)) for r in range(2)]
     for p in procs:
         p.start()
     return results, procs
