@@ -7,6 +7,8 @@ valid choices — before any model is loaded or anything is written.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import re
 import types
 import typing
@@ -70,6 +72,16 @@ class TinyModelConfig:
     seed: int = 0
     """Seed of the random initialisation."""
 
+    def validate(self) -> "TinyModelConfig":
+        for f in dataclasses.fields(self):
+            if f.name != "seed":
+                _need(getattr(self, f.name) > 0, f"model.tiny.{f.name}", "must be > 0")
+        _need(self.hidden_size % self.num_attention_heads == 0, "model.tiny.num_attention_heads",
+              f"{self.num_attention_heads} does not divide hidden_size {self.hidden_size}")
+        _need(self.num_attention_heads % self.num_key_value_heads == 0, "model.tiny.num_key_value_heads",
+              f"{self.num_key_value_heads} does not divide num_attention_heads {self.num_attention_heads}")
+        return self
+
 
 @dataclass
 class ModelConfig:
@@ -86,6 +98,11 @@ class ModelConfig:
     """auto = flash_attention_2 when flash-attn is installed and CUDA is used, else sdpa."""
     trust_remote_code: bool = False
     """Allow model code shipped inside the model folder to run. Off unless you trust the folder."""
+
+    def validate(self) -> "ModelConfig":
+        if not self.path:
+            self.tiny.validate()
+        return self
 
 
 @dataclass
@@ -126,9 +143,11 @@ class PruneConfig:
 
     def validate(self) -> "PruneConfig":
         try:
-            parse_pattern(self.pattern)
+            nm = parse_pattern(self.pattern)
         except ValueError as e:
             raise ConfigError(f"prune.pattern: {e}") from None
+        if nm is not None:  # the pattern decides the sparsity; the saved config says which
+            self.sparsity = 1 - nm[0] / nm[1]
         _need(0 <= self.sparsity < 1, "prune.sparsity", "must be in [0, 1)")
         _need(self.nsamples > 0, "prune.nsamples", "must be > 0")
         _need(self.seqlen > 1, "prune.seqlen", "must be > 1")
@@ -193,6 +212,11 @@ class SeftConfig:
         _need(0 <= self.drop_rate <= 1, "seft.drop_rate", "must be in [0, 1]")
         _need(self.gather_cost_ratio > 0, "seft.gather_cost_ratio", "must be > 0")
         _need(len(self.targets) > 0, "seft.targets", "must name at least one module")
+        for pattern in self.targets:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"seft.targets: {pattern!r} is not a regular expression ({e})") from None
         return self
 
 
@@ -407,13 +431,28 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         """Every section's own types and ranges, then what depends on two sections."""
-        for section in (self.prune, self.seft, self.data, self.train, self.baseline, self.eval):
+        for section in (self.model, self.prune, self.seft, self.data, self.train, self.baseline,
+                        self.eval):
             section.validate()
         if self.method in ("lora_star", "sqft"):
             _need(self.baseline.lora_rank is not None or self.seft.lora_rank is not None,
                   "baseline.lora_rank", f"method {self.method} needs a rank (this one or seft.lora_rank)")
         _need("dense" not in self.eval.stages or self.prune.method != "none", "eval.stages",
               "dense needs a run that prunes (prune.method other than none)")
+        return self
+
+    def check_context(self, max_positions: Optional[int], source: str) -> "RunConfig":
+        """Every token length the run uses against the model's context (`max_positions`, the
+        max_position_embeddings of `source`; None: the model does not say). Rotary models run
+        past it without an error, on positions they were never trained on."""
+        if max_positions is None:
+            return self
+        for key, length, used in (
+                ("data.seq_len", self.data.seq_len, True),
+                ("eval.seqlen", self.eval.seqlen, bool(self.eval.ppl_data)),
+                ("prune.seqlen", self.prune.seqlen, self.prune.method in ("wanda", "sparsegpt"))):
+            _need(not used or length <= max_positions, key, f"{length} exceeds the model's "
+                  f"max_position_embeddings {max_positions} ({source})")
         return self
 
     def resolve_paths(self, base_dir: Optional[Path] = None) -> "RunConfig":
@@ -456,8 +495,49 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
+def _mapping_without_duplicates(loader: _Loader, node: yaml.MappingNode, deep: bool = False):
+    """A key given twice is an error: YAML loaders silently keep the later value."""
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            duplicate = key in seen
+        except TypeError:  # an unhashable key: the base constructor reports it
+            break
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the key {key!r} is given twice in one mapping", key_node.start_mark)
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
 def parse_yaml(text: str):
     return yaml.load(text, Loader=_Loader)
+
+
+def yaml_error(e: yaml.YAMLError) -> str:
+    """One line: where and what (PyYAML's own text spans several lines with a source excerpt)."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    what = problem or " ".join(str(e).split())
+    context = getattr(e, "context", None)
+    return f"{where}{what}" + (f" ({context})" if context else "")
+
+
+def read_yaml_file(path: str | Path, what: str = "--config"):
+    """The parsed YAML file `path`; a missing file or a YAML error is a ConfigError naming `what`."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what}: {path} does not exist")
+    try:
+        return parse_yaml(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what}: {path} is not valid YAML: {yaml_error(e)}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what}: {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def _type_name(tp: Any) -> str:
@@ -485,6 +565,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return from_dict(tp, value, key)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool)):
@@ -529,20 +611,37 @@ def load_config(path: Optional[str], overrides: tuple[str, ...] | list[str] = ()
     data: dict = {}
     base_dir = None
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"--config: {path} does not exist")
-        try:
-            data = parse_yaml(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
+        data = read_yaml_file(path) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"--config: {path} must hold a mapping of sections")
-        base_dir = p.resolve().parent
+        base_dir = Path(path).resolve().parent
     for item in overrides:
         _set_override(data, item)
     cfg = from_dict(RunConfig, data).validate()
+    _check_implied_sparsity(cfg, (data.get("prune") or {}).get("sparsity"))
     return cfg.resolve_paths(base_dir) if check_paths else cfg
+
+
+def _check_implied_sparsity(cfg: RunConfig, given: Optional[float]) -> None:
+    """An N:M pattern fixes the sparsity (validate sets it); a different one given beside it is
+    a contradiction, not a choice (seft-prune refuses the same pair of flags)."""
+    nm = cfg.prune.nm
+    if nm is not None and given is not None and abs(float(given) - cfg.prune.sparsity) > 1e-9:
+        raise ConfigError(f"prune.sparsity: {given} contradicts prune.pattern {cfg.prune.pattern}, "
+                          f"which means sparsity {cfg.prune.sparsity:g}; drop one of them")
+
+
+def max_positions(model_dir: Optional[str | Path], tiny: TinyModelConfig) -> tuple[Optional[int], str]:
+    """(the context length of a model, where it was read): config.json's max_position_embeddings
+    of `model_dir` (None when it has none), else the tiny shape's."""
+    if model_dir is None:
+        return tiny.max_position_embeddings, "model.tiny"
+    path = Path(model_dir, "config.json")
+    try:
+        value = json.loads(path.read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ConfigError(f"model.path: {path} is not a readable JSON object ({e})") from None
+    return (value if isinstance(value, int) and value > 0 else None), str(path)
 
 
 def to_dict(cfg: Any) -> dict:

@@ -9,17 +9,20 @@ relative to the starting sparse model, and N:M validity (seft_scale/sparsity.py)
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from seft_scale.backends.local import LocalBackend
-from seft_scale.checkpoint import latest_checkpoint, load_trainer_state
+from seft_scale.checkpoint import (check_checkpoint, latest_checkpoint, load_trainer_state,
+                                   write_text_atomic)
 from seft_scale.errors import ConfigError
 from seft_scale.methods import make_method
 from seft_scale.model import find_targets, load_model
-from seft_scale.run import RunFolder, find_start
+from seft_scale.run import RunFolder, check_writable, find_start
 from seft_scale.sparsity import summarize
 
 
@@ -42,14 +45,23 @@ def export_run(model, tokenizer, per_matrix: dict, backend, export_dir: Path,
                report_path: Optional[Path], summary: dict) -> dict:
     """Write the merged `model` to `export_dir` (plain HF folder, with seft_report.json inside)
     and the report to `report_path`; returns the summary with the sparsity totals. Every rank
-    calls (sharded backends gather in save_pretrained); rank 0 writes."""
+    calls (sharded backends gather in save_pretrained); rank 0 writes. The folder is written
+    beside `export_dir` and renamed into place, then the report: a run killed while exporting
+    leaves no half-written export, and report.json only ever describes a complete one."""
     summary = dict(summary, export=str(export_dir), sparsity=summarize(per_matrix))
-    backend.save_pretrained(model, tokenizer, export_dir)
+    partial = export_dir.with_name(f".{export_dir.name}.partial")
+    if backend.rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    backend.save_pretrained(model, tokenizer, partial)
     if backend.rank == 0:
         report = json.dumps({"summary": summary, "matrices": per_matrix}, indent=1)
-        (export_dir / "seft_report.json").write_text(report)
+        (partial / "seft_report.json").write_text(report)
+        if export_dir.is_dir() and any(export_dir.iterdir()):
+            # an export of the same final checkpoint, by an attempt killed before its report
+            shutil.rmtree(export_dir)
+        os.replace(partial, export_dir)
         if report_path is not None:
-            report_path.write_text(report)
+            write_text_atomic(report_path, report)
         print_summary(summary, export_dir)
     return summary
 
@@ -59,12 +71,20 @@ def export_checkpoint(run_dir: Path, ckpt: Optional[Path] = None, out: Optional[
     any world size) -> HF folder + report. `out` defaults to <run>/export and must not exist."""
     run = RunFolder(run_dir)
     cfg = run.saved_config()
-    ckpt = ckpt or latest_checkpoint(run.root)
-    if ckpt is None or not (ckpt / "trainer.json").is_file():
-        raise ConfigError(f"--checkpoint: no complete checkpoint in {ckpt or run.root / 'checkpoints'}")
     target = out or run.export
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"--out: {target} is a file; name a new folder")
     if target.exists() and any(target.iterdir()):
         raise ConfigError(f"--out: {target} exists and is not empty; choose another folder")
+    check_writable(target, "--out")
+    if ckpt is not None:
+        reason = check_checkpoint(ckpt) if ckpt.is_dir() else "no such folder"
+        if reason is not None:
+            raise ConfigError(f"--checkpoint: {ckpt} is not a complete checkpoint ({reason})")
+    ckpt = ckpt or latest_checkpoint(run.root)
+    if ckpt is None:
+        raise ConfigError(f"--checkpoint: no complete checkpoint in {run.root / 'checkpoints'}")
+    target.parent.mkdir(parents=True, exist_ok=True)
     state = load_trainer_state(ckpt)
     start = find_start(run, cfg, state.get("start_model"))
     backend = LocalBackend(torch.device("cpu"))

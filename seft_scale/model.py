@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig,
@@ -65,6 +65,7 @@ def load_model(cfg: ModelConfig, device: torch.device, train_text: Optional[str]
     dtype, attn = resolve_dtype(cfg.dtype, device), resolve_attn(cfg.attn_implementation, device)
     path = path or cfg.path
     if path:
+        check_weights(Path(path))
         try:
             tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         except (OSError, ValueError) as e:
@@ -73,7 +74,7 @@ def load_model(cfg: ModelConfig, device: torch.device, train_text: Optional[str]
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=dtype, attn_implementation=attn, use_safetensors=True,
                 trust_remote_code=cfg.trust_remote_code)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, SafetensorError) as e:
             raise ConfigError(f"model.path: cannot load a causal LM from {path}: {e}") from None
     else:
         if train_text is None:
@@ -104,6 +105,7 @@ def load_on_rank0(cfg: ModelConfig, device: torch.device, comm, train_text: Opti
     every rank gets rank 0's tokenizer, so all ranks tokenise the data alike."""
     dtype, attn = resolve_dtype(cfg.dtype, device), resolve_attn(cfg.attn_implementation, device)
     model, tok = load_model(cfg, device, train_text, path) if comm.rank == 0 else (None, None)
+    comm.wait("rank 0 loading the model")  # minutes for a 70B model: not a hung rank
     tok = comm.broadcast_object(tok)
     if comm.rank != 0:
         model = skeleton(cfg, path or cfg.path, len(tok), dtype, attn)
@@ -116,13 +118,20 @@ def has_weights(model: nn.Module) -> bool:
     return not any(p.is_meta or p.numel() == 0 for p in model.parameters())
 
 
-def find_targets(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Linear]]:
-    """Linear modules whose last name component matches one of `patterns` (regex, full match)."""
-    regs = [re.compile(p) for p in patterns]
+def find_targets(model: nn.Module, patterns: list[str],
+                 key: str = "seft.targets") -> list[tuple[str, nn.Linear]]:
+    """Linear modules whose last name component matches one of `patterns` (regex, full match);
+    `key` is the config key or flag the patterns came from, named in errors."""
+    try:
+        regs = [re.compile(p) for p in patterns]
+    except re.error as e:
+        raise ConfigError(f"{key}: {patterns} is not a list of regular expressions ({e})") from None
     found = [(name, mod) for name, mod in model.named_modules()
              if isinstance(mod, nn.Linear) and any(r.fullmatch(name.rsplit(".", 1)[-1]) for r in regs)]
     if not found:
-        raise ConfigError(f"seft.targets: {patterns} match no Linear module of this model")
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ConfigError(f"{key}: {patterns} match no Linear module of this model (its Linear "
+                          f"modules end in: {', '.join(names)})")
     return found
 
 
@@ -133,17 +142,45 @@ def save_model(model: nn.Module, tokenizer, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def check_weights(folder: Path, key: str = "model.path") -> dict[str, str]:
+    """{tensor name: file} of an HF safetensors folder, after checking that every weight file
+    exists and is complete: its header parses and the file holds every byte the header names
+    (safetensors checks both on open; only headers are read). A truncated copy or an interrupted
+    download is a ConfigError naming the file and `key`, not an error deep inside a load."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(f"{key}: {index} is not a safetensors index ({type(e).__name__}: "
+                              f"{e})") from None
+    elif (folder / "model.safetensors").is_file():
+        weight_map, files = None, ["model.safetensors"]
+    else:
+        raise ConfigError(f"{key}: {folder} has no model.safetensors(.index.json); only "
+                          "safetensors checkpoints are read (convert .bin files first)")
+    where = {}
+    for name in files:
+        f = folder / name
+        if not f.is_file():
+            raise ConfigError(f"{key}: {f} is missing (named by {index.name})")
+        try:
+            with safe_open(str(f), "pt") as h:
+                where.update({k: name for k in h.keys()})
+        except (SafetensorError, OSError) as e:
+            raise ConfigError(f"{key}: {f} is truncated or not a safetensors file "
+                              f"({str(e).splitlines()[0]}); copy or download it again") from None
+    return weight_map if weight_map is not None else where
+
+
 class SafetensorsFolder:
     """Read single tensors of an HF folder (sharded or not) without loading the model."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, key: str = "model.path"):
         self.folder = Path(folder)
-        index = self.folder / "model.safetensors.index.json"
-        if index.exists():
-            self.where = json.loads(index.read_text())["weight_map"]
-        else:
-            with safe_open(str(self.folder / "model.safetensors"), "pt") as f:
-                self.where = {k: "model.safetensors" for k in f.keys()}
+        self.where = check_weights(self.folder, key)
 
     def get(self, key: str) -> torch.Tensor:
         with safe_open(str(self.folder / self.where[key]), "pt") as f:

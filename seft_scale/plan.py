@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 
 from seft_scale.backends.ds_config import read_ds_json
-from seft_scale.config import FSDPConfig, SeftConfig, from_dict, load_config, parse_yaml
+from seft_scale.config import FSDPConfig, SeftConfig, from_dict, load_config, read_yaml_file
 from seft_scale.errors import ConfigError
 from seft_scale.seft.budget import slot_capacity
 from seft_scale.seft.delta import SparseDelta
@@ -145,10 +145,7 @@ _PRESET_KEYS = ("name", "source", "shape", "seft", "fsdp", "zero_optimization")
 
 
 def read_yaml(path: str | Path, what: str = "--config") -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{what}: {path} does not exist")
-    data = parse_yaml(p.read_text()) or {}
+    data = read_yaml_file(path, what) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{what}: {path} must hold a mapping")
     return data

@@ -9,10 +9,20 @@ group) every call is the identity (a sum over one rank), so the same code runs a
 * `reduce_scatter_flat`: a dense tensor summed over ranks, each rank keeping its flat range (the
   selection-window G into θ's shard layout);
 * `gather_flat`: every rank's part of a flat tensor, concatenated (on every rank);
+* `wait`: a barrier for work ranks do alone or at their own pace (rank 0 loading, pruning or
+  saving a model; every rank tokenising data or writing its checkpoint file);
 * `guard`: a failed collective becomes a `PeerFailure` naming the phase.
 
 `init_distributed` creates the default group from torchrun / deepspeed / srun environment
-variables: gloo on CPU, NCCL on CUDA, with a finite timeout so a dead rank ends the job.
+variables: gloo on CPU, NCCL on CUDA. How long a rank waits for the others:
+
+* SEFT_DIST_TIMEOUT (seconds, default 300): every collective of the training loop. A rank that
+  dies is noticed within about a second (its connections close); one that hangs (a stuck GPU, a
+  deadlocked filesystem) stops the others after this long. A training step of a 70B model on a
+  cluster takes seconds, so five minutes is a wide margin and costs little of an allocation.
+* SEFT_DIST_SETUP_TIMEOUT (seconds, default 7200): `wait`, on a side group of its own (gloo,
+  whatever the default group's backend) — minutes of rank 0 reading or writing 140 GB, or of
+  calibrating a pruner, must not count as a hung rank.
 """
 from __future__ import annotations
 
@@ -24,12 +34,35 @@ from typing import Iterator, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from seft_scale.errors import ConfigError
+
+
+DEFAULT_TIMEOUT_S = 300.0
+"""SEFT_DIST_TIMEOUT when unset: how long a collective waits for a rank that stopped answering."""
+DEFAULT_SETUP_TIMEOUT_S = 7200.0
+"""SEFT_DIST_SETUP_TIMEOUT when unset: how long `Comm.wait` waits for work done alone."""
+_WAIT_GROUP = None  # the side group of Comm.wait, made beside the default group
+
+
+def timeout_from_env(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(f"{name}: expected seconds (a number > 0), got {raw!r}")
+    return value
+
 
 def init_distributed(timeout_s: Optional[float] = None) -> tuple[int, int, int]:
     """Initialise the default process group from the launcher's environment; returns
-    (rank, world, local_rank). A rank that dies makes the others fail after `timeout_s`
-    (SEFT_DIST_TIMEOUT, default 600 s) instead of hanging forever."""
-    timeout_s = float(os.environ.get("SEFT_DIST_TIMEOUT", 600)) if timeout_s is None else timeout_s
+    (rank, world, local_rank). A rank that hangs makes the others fail after `timeout_s`
+    (SEFT_DIST_TIMEOUT, default DEFAULT_TIMEOUT_S) instead of holding them forever."""
+    timeout_s = timeout_from_env("SEFT_DIST_TIMEOUT", DEFAULT_TIMEOUT_S) if timeout_s is None else timeout_s
+    setup_s = max(timeout_from_env("SEFT_DIST_SETUP_TIMEOUT", DEFAULT_SETUP_TIMEOUT_S), timeout_s)
     if not dist.is_initialized():
         for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
             if key not in os.environ:
@@ -37,6 +70,9 @@ def init_distributed(timeout_s: Optional[float] = None) -> tuple[int, int, int]:
                                    "or srun (see README, 'Use')")
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        # every rank creates it here, in the same order: made later, the first Comm.wait would
+        # itself wait under the default group's timeout
+        _make_wait_group(setup_s)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -59,8 +95,17 @@ def peer_guard(rank: int, what: str) -> Iterator[None]:
                 k in text for k in ("gloo", "nccl", "connection", "timed out", "timeout", "peer"))):
             raise
         raise PeerFailure(f"rank {rank}: a collective failed during {what}: another rank probably "
-                          f"died or hung (look for the first error in the other ranks' logs). "
+                          f"died or hung (look for the first error in the other ranks' logs; a hung "
+                          f"rank is given up on after SEFT_DIST_TIMEOUT seconds, see README). "
                           f"Cause: {str(e).splitlines()[0][:300]}") from e
+
+
+def _make_wait_group(setup_s: Optional[float] = None):
+    global _WAIT_GROUP
+    if setup_s is None:
+        setup_s = timeout_from_env("SEFT_DIST_SETUP_TIMEOUT", DEFAULT_SETUP_TIMEOUT_S)
+    _WAIT_GROUP = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=setup_s))
+    return _WAIT_GROUP
 
 
 Bounds = Sequence[tuple[int, int]]
@@ -94,6 +139,17 @@ class Comm:
         if self.grouped:
             with self.guard("a barrier"):
                 dist.barrier()
+
+    def wait(self, what: str) -> None:
+        """Every rank here, however long one of them took to come (`what` it was doing): up to
+        SEFT_DIST_SETUP_TIMEOUT, on the side group. A rank that dies still ends the wait at once."""
+        if not self.grouped:
+            return
+        group = _WAIT_GROUP
+        if group is None:  # the default group was made elsewhere: a side group now, on every rank
+            group = _make_wait_group()
+        with self.guard(what):
+            dist.barrier(group=group)
 
     def broadcast_object(self, obj, src: int = 0):
         """`obj` of rank `src`, on every rank (a tokenizer, a small dict)."""

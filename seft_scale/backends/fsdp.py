@@ -123,4 +123,4 @@ class FSDPBackend:
         if self.rank == 0:
             model.save_pretrained(out, state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(out)
-        self.comm.barrier()
+        self.comm.wait("rank 0 writing the model")

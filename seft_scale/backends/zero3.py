@@ -238,4 +238,4 @@ class Zero3Backend:
             out.mkdir(parents=True, exist_ok=True)
             model.save_pretrained(out, state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(out)
-        self.comm.barrier()
+        self.comm.wait("rank 0 writing the model")

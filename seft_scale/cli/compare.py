@@ -18,8 +18,8 @@ with the last line of its stderr; the others still run; the exit status is 1 if 
 import argparse
 import sys
 
+from seft_scale.cli import report_errors
 from seft_scale.compare import DEFAULT_METHODS, compare, parse_lrs, parse_methods
-from seft_scale.errors import ConfigError
 
 
 def main(argv=None) -> int:
@@ -33,13 +33,12 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*", metavar="key=value",
                     help="config overrides for every run, e.g. train.steps=20 seft.lora_rank=8")
     args = ap.parse_args(argv)
-    try:
+
+    def work() -> int:
         result = compare(args.config, args.output_dir, parse_methods(args.methods), parse_lrs(args.lr),
                          args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return int(any(r["status"] != "ok" for r in result["rows"]))
+        return int(any(r["status"] != "ok" for r in result["rows"]))
+    return report_errors(work)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
+from seft_scale.cli import report_errors
 from seft_scale.config import ModelConfig, parse_pattern
 from seft_scale.errors import ConfigError
 from seft_scale.evaluate import (evaluate_model, folder_matrices, format_results, load_tasks,
                                  read_ppl_texts)
-from seft_scale.model import load_model
+from seft_scale.model import check_weights, load_model
 
 
 def main(argv=None) -> int:
@@ -43,18 +44,14 @@ def main(argv=None) -> int:
     ap.add_argument("--trust-remote-code", action="store_true", help="run model code shipped in --model")
     ap.add_argument("--out", help="JSON results (default <model>/evaluation.json)")
     args = ap.parse_args(argv)
-    try:
-        run(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return report_errors(lambda: run(args))
 
 
 def run(args) -> dict:
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
         raise ConfigError(f"--model: {args.model} is not a Hugging Face model folder (no config.json)")
+    check_weights(model_dir, "--model")
     tasks = [t for t in args.tasks.split(",") if t]
     want_ppl = "ppl" in tasks or args.ppl_data is not None
     tasks = [t for t in tasks if t != "ppl"]

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from seft_scale.errors import ConfigError
+from seft_scale.cli import report_errors
 from seft_scale.export import export_checkpoint
 
 
@@ -23,13 +23,9 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", default=None, help="a checkpoint folder (default: the latest)")
     ap.add_argument("--out", default=None, help="where to write (default: <run>/export); must not exist")
     args = ap.parse_args(argv)
-    try:
-        export_checkpoint(Path(args.run), Path(args.checkpoint) if args.checkpoint else None,
-                          Path(args.out) if args.out else None)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return report_errors(lambda: export_checkpoint(
+        Path(args.run), Path(args.checkpoint) if args.checkpoint else None,
+        Path(args.out) if args.out else None))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import dataclasses
 import sys
 
 from seft_scale.backends.ds_config import read_ds_json
+from seft_scale.cli import report_errors
 from seft_scale.config import load_config
 from seft_scale.errors import ConfigError
 from seft_scale.plan import (GPUS, PlanInput, format_plan, load_preset, plan_memory,
@@ -90,23 +91,23 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="run config overrides")
     args = ap.parse_args(argv)
     args.backend = args.backend or ("local" if args.world_size == 1 else "fsdp")
-    try:
-        for key in ("world_size", "nodes", "micro_batch", "seq"):
-            if getattr(args, key) is not None and getattr(args, key) < 1:
-                raise ConfigError(f"--{key.replace('_', '-')} must be >= 1")
-        if args.gpu_mem is not None and args.gpu_mem <= 0:
-            raise ConfigError("--gpu-mem must be > 0 GiB")
-        inp, preset_zero = build_input(args)
-        plan = plan_memory(inp)
-        if args.write_ds_config:
-            if not preset_zero:
-                raise ConfigError("--write-ds-config needs a preset (--config or --preset) with "
-                                  "zero_optimization")
-            write_ds_config(args.ds_config, preset_zero, args.write_ds_config)
-            print(f"wrote {args.write_ds_config}")
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return report_errors(lambda: run(args))
+
+
+def run(args) -> int:
+    for key in ("world_size", "nodes", "micro_batch", "seq"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            raise ConfigError(f"--{key.replace('_', '-')} must be >= 1")
+    if args.gpu_mem is not None and args.gpu_mem <= 0:
+        raise ConfigError("--gpu-mem must be > 0 GiB")
+    inp, preset_zero = build_input(args)
+    plan = plan_memory(inp)
+    if args.write_ds_config:
+        if not preset_zero:
+            raise ConfigError("--write-ds-config needs a preset (--config or --preset) with "
+                              "zero_optimization")
+        write_ds_config(args.ds_config, preset_zero, args.write_ds_config)
+        print(f"wrote {args.write_ds_config}")
     gpu_gib = GPUS.get(args.gpu) if args.gpu else args.gpu_mem
     print(format_plan(plan, args.gpu, gpu_gib))
     if gpu_gib is None:

@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from seft_scale.cli import report_errors
 from seft_scale.config import PruneConfig, SeftConfig, load_config, parse_pattern
 from seft_scale.errors import ConfigError
 from seft_scale.prune import prune_folder
@@ -48,17 +49,20 @@ def parse_args(argv):
     return ap.parse_args(argv)
 
 
-def resolve(args) -> tuple[str, PruneConfig, list[str]]:
-    """(model folder, validated PruneConfig, target names) from --config and the flags."""
+def resolve(args) -> tuple[str, PruneConfig, list[str], str]:
+    """(model folder, validated PruneConfig, target names, where the names came from) from
+    --config and the flags."""
     prune, targets, model = PruneConfig(), list(SeftConfig().targets), args.model
+    targets_key = "--targets"
     if args.config:
         run = load_config(args.config)
         prune, targets, model = run.prune, run.seft.targets, args.model or run.model.path
+        targets_key = "seft.targets (--config)"
     for f in dataclasses.fields(PruneConfig):
         if getattr(args, f.name, None) is not None:
             setattr(prune, f.name, getattr(args, f.name))
     if args.targets:
-        targets = args.targets
+        targets, targets_key = args.targets, "--targets"
     if not model:
         raise ConfigError("--model: required (or model.path in --config)")
     if prune.method == "none":
@@ -72,18 +76,18 @@ def resolve(args) -> tuple[str, PruneConfig, list[str]]:
             raise ConfigError(f"--sparsity {args.sparsity} contradicts --pattern {prune.pattern} "
                               f"(which means sparsity {1 - nm[0] / nm[1]}); drop one of them")
         prune.sparsity = 1 - nm[0] / nm[1]
-    return model, prune.validate(), targets
+    return model, prune.validate(), targets, targets_key
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        model_dir, prune, targets = resolve(args)
-        report = prune_folder(model_dir, args.out, prune, targets, args.device,
-                              getattr(torch, args.dtype), trust_remote_code=args.trust_remote_code)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return report_errors(lambda: run(args))
+
+
+def run(args) -> int:
+    model_dir, prune, targets, targets_key = resolve(args)
+    report = prune_folder(model_dir, args.out, prune, targets, args.device, getattr(torch, args.dtype),
+                          trust_remote_code=args.trust_remote_code, targets_key=targets_key)
     s, mem = report["summary"], report["memory"]
     print(f"pruned {s['matrices']} matrices with {report['method']} ({report['pattern']}"
           f"{', ' + report['granularity'] if report['pattern'] == 'unstructured' else ''}): "

@@ -14,12 +14,18 @@ import sys
 from pathlib import Path
 
 from seft_scale.backends import make_backend
+from seft_scale.cli import report_errors
 from seft_scale.config import load_config
 from seft_scale.errors import ConfigError
 from seft_scale.train import train
 
 
 def main(argv=None) -> int:
+    args = parse_args(argv)
+    return report_errors(lambda: run(args))
+
+
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="run config YAML (see configs/runs/)")
     ap.add_argument("--output-dir", required=True, help="folder for everything the run writes")
@@ -38,21 +44,20 @@ def main(argv=None) -> int:
                     help=argparse.SUPPRESS)  # added by the deepspeed launcher; LOCAL_RANK is used
     ap.add_argument("overrides", nargs="*", metavar="key=value",
                     help="config overrides, e.g. train.steps=100 seft.lora_rank=16")
-    args = ap.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        backend_name = args.backend or ("zero3" if args.ds_config else "local")
-        if args.ds_config and backend_name != "zero3":
-            raise ConfigError(f"--ds_config is for the zero3 backend, not --backend {backend_name}")
-        if args.start_model and not Path(args.start_model, "config.json").is_file():
-            raise ConfigError(f"--start-model: {args.start_model} is not a Hugging Face model folder "
-                              "(no config.json)")
-        backend = make_backend(backend_name, cfg=cfg, ds_config=args.ds_config)
-        train(cfg, args.output_dir, resume=args.resume, backend=backend, progress=not args.no_progress,
-              start_model=args.start_model)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return ap.parse_args(argv)
+
+
+def run(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    backend_name = args.backend or ("zero3" if args.ds_config else "local")
+    if args.ds_config and backend_name != "zero3":
+        raise ConfigError(f"--ds_config is for the zero3 backend, not --backend {backend_name}")
+    if args.start_model and not Path(args.start_model, "config.json").is_file():
+        raise ConfigError(f"--start-model: {args.start_model} is not a Hugging Face model folder "
+                          "(no config.json)")
+    backend = make_backend(backend_name, cfg=cfg, ds_config=args.ds_config)
+    train(cfg, args.output_dir, resume=args.resume, backend=backend, progress=not args.no_progress,
+          start_model=args.start_model)
     return 0
 
 

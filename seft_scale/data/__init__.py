@@ -54,7 +54,7 @@ def _texts(src: Source, cfg: DataConfig):
         yield from documents(ds, cfg, src)
     else:
         for prompts, responses in examples(ds, cfg, src):
-            yield [p + r for p, r in zip(prompts, responses)]
+            yield [p + (r or "") for p, r in zip(prompts, responses)]
 
 
 def tokenizer_training_text(cfg: DataConfig, max_chars: int = TOKENIZER_TEXT_CHARS) -> str:
@@ -121,6 +121,9 @@ def _instructions(cfg: DataConfig, tokenizer, sources: list[Source]):
     enc = [encode_instructions(examples(_rows(s, cfg), cfg, s), tokenizer, cfg.seq_len)
            for s in sources]
     for e, s in zip(enc, sources):
+        if e.rows and e.no_response == e.rows:
+            raise ConfigError(f"{s.key}: none of the {e.rows} rows of {s.location} has a response "
+                              f"in {cfg.output_field!r} (data.output_field): all null, missing or empty")
         if len(e.input_ids) == 0:
             raise ConfigError(f"{s.key}: none of the {e.rows} examples of {s.location} keeps a "
                               f"response token within data.seq_len={cfg.seq_len}")
@@ -135,6 +138,7 @@ def _instructions(cfg: DataConfig, tokenizer, sources: list[Source]):
     stats = {"kind": "instruction", "template": cfg.template, "train_examples": len(train_ids),
              "val_examples": len(val_ids), "rows": sum(e.rows for e in enc),
              "truncated": sum(e.truncated for e in enc), "dropped": sum(e.dropped for e in enc),
+             "no_response": sum(e.no_response for e in enc),
              "loss_tokens": int((train_labels[:, 1:] != IGNORE_INDEX).sum())}
     return {"train_input_ids": train_ids, "train_labels": train_labels, "val_input_ids": val_ids,
             "val_labels": val_labels}, stats
@@ -144,7 +148,11 @@ def _report(stats: dict, cfg: DataConfig) -> None:
     source = "cached " if stats["cache_hit"] else ""
     log.info("data: %s%d training / %d validation examples of %d tokens (%s)", source,
              stats["train_examples"], stats["val_examples"], cfg.seq_len, stats["cache_file"])
-    if stats.get("truncated") or stats.get("dropped"):
+    if stats.get("no_response"):
+        log.warning("data: %d of %d instruction rows have no %s (null, missing or empty) and were "
+                    "dropped", stats["no_response"], stats["rows"], cfg.output_field)
+    cut_off = stats.get("dropped", 0) - stats.get("no_response", 0)
+    if stats.get("truncated") or cut_off:
         log.warning("data: %d of %d instruction examples were longer than data.seq_len=%d and "
                     "were cut; %d of them kept no response token and were dropped",
-                    stats["truncated"], stats["rows"], cfg.seq_len, stats["dropped"])
+                    stats["truncated"], stats["rows"], cfg.seq_len, cut_off)

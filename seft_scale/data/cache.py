@@ -24,7 +24,7 @@ from seft_scale.config import DataConfig
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 """Part of every key: bump it when encoding changes what the same inputs produce."""
 _NOT_IN_KEY = {"cache_dir", "seed"}  # where the cache is; the seed only orders batches
 _TENSORS = ("train_input_ids", "train_labels", "val_input_ids", "val_labels")

@@ -5,13 +5,14 @@ into blocks of seq_len (the remainder dropped); labels are the ids.
 instruction: [BOS if the tokenizer adds one] + prompt + response + EOS, prompt and response
 tokenised apart so the loss boundary is exact; labels are -100 on BOS, prompt and padding.
 Longer examples are cut at seq_len (an example left with no response token is dropped);
-shorter ones are right-padded with the pad token (EOS when there is none).
+shorter ones are right-padded with the pad token (EOS when there is none). A row whose response
+is null, missing or empty is dropped and counted (it would teach the model to answer with EOS).
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -44,8 +45,9 @@ def documents(ds, cfg: DataConfig, src: Source) -> Iterator[list[str]]:
             yield docs
 
 
-def examples(ds, cfg: DataConfig, src: Source) -> Iterator[tuple[list[str], list[str]]]:
-    """Batches of (prompts, responses) of instruction data."""
+def examples(ds, cfg: DataConfig, src: Source) -> Iterator[tuple[list[str], list[Optional[str]]]]:
+    """Batches of (prompts, responses) of instruction data; a response is None where the row has
+    none (null, missing or empty)."""
     _columns(ds, [(cfg.instruction_field, "data.instruction_field"),
                   (cfg.output_field, "data.output_field")], src, "instruction")
     template = TEMPLATES[cfg.template]
@@ -57,11 +59,11 @@ def examples(ds, cfg: DataConfig, src: Source) -> Iterator[tuple[list[str], list
         inputs = map(_text, batch[cfg.input_field]) if has_input else [""] * n
         prompts = [template.prompt(_text(i), x)
                    for i, x in zip(batch[cfg.instruction_field], inputs)]
-        yield prompts, [_text(o) for o in batch[cfg.output_field]]
+        yield prompts, [_text(o) or None for o in batch[cfg.output_field]]
 
 
 def _ids(tokenizer, texts: list[str]) -> list[list[int]]:
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
 
 def _eos(tokenizer) -> int:
@@ -103,16 +105,23 @@ class Encoded:
     rows: int
     truncated: int
     dropped: int
+    """Examples left out: no response in the row, or none left within seq_len."""
+    no_response: int
+    """Of those, the rows whose response is null, missing or empty."""
 
 
-def encode_instructions(batches: Iterator[tuple[list[str], list[str]]], tokenizer,
+def encode_instructions(batches: Iterator[tuple[list[str], list[Optional[str]]]], tokenizer,
                         seq_len: int) -> Encoded:
     eos, bos = _eos(tokenizer), bos_prefix(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     ids, labels, digests = [], [], []
-    rows = truncated = dropped = 0
-    for prompts, responses in batches:
-        rows += len(prompts)
+    rows = truncated = dropped = no_response = 0
+    for all_prompts, all_responses in batches:
+        rows += len(all_prompts)
+        kept = [i for i, r in enumerate(all_responses) if r is not None]
+        no_response += len(all_prompts) - len(kept)
+        dropped += len(all_prompts) - len(kept)
+        prompts, responses = [all_prompts[i] for i in kept], [all_responses[i] for i in kept]
         batch_ids, batch_labels = [], []
         for p, r, prompt, response in zip(_ids(tokenizer, prompts), _ids(tokenizer, responses),
                                           prompts, responses):
@@ -131,7 +140,7 @@ def encode_instructions(batches: Iterator[tuple[list[str], list[str]]], tokenize
         labels.append(torch.tensor(batch_labels, dtype=torch.int64).view(-1, seq_len))
     empty = torch.zeros(0, seq_len, dtype=torch.int64)
     return Encoded(torch.cat(ids) if ids else empty, torch.cat(labels) if labels else empty,
-                   digests, rows, truncated, dropped)
+                   digests, rows, truncated, dropped, no_response)
 
 
 def heldout_by_digest(digests: list[int], val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,7 @@ Files may be gzipped (x.jsonl.gz, as C4's shards are): datasets decompresses the
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import hashlib
@@ -21,6 +22,26 @@ from seft_scale.paths import data_format
 _BUILDERS = {"txt": ("text", {"sample_by": "document"}), "json": ("json", {}),
              "parquet": ("parquet", {}), "csv": ("csv", {"na_filter": False})}
 _LOCAL_HINT = "pass a local .txt, .json, .jsonl, .parquet or .csv file, or a folder of .txt files"
+
+
+def first_non_utf8(files: list[Path]) -> Optional[tuple[Path, int, str]]:
+    """(file, byte offset, reason) of the first bytes of `files` (gzipped or not) that are not
+    UTF-8, or None. Read in 1 MiB chunks, only after a load failed."""
+    for path in files:
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        offset = 0
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as e:
+                    return path, max(offset + e.start, 0), e.reason
+                offset += len(chunk)
+            try:
+                decoder.decode(b"", final=True)
+            except UnicodeDecodeError as e:
+                return path, offset, e.reason
+    return None
 
 
 @dataclass
@@ -97,8 +118,13 @@ class Source:
                 builder, data_files=[str(f) for f in self.files()], split="train",
                 cache_dir=hf_cache_dir and str(hf_cache_dir), **kwargs)
         except Exception as e:  # the builders raise many types; the cause stays chained
+            bad = first_non_utf8(self.files()) if self.format != "parquet" else None
+            if bad is not None:  # datasets says only "An error occurred while generating the dataset"
+                path, offset, reason = bad
+                raise ConfigError(f"{self.key}: {path} is not UTF-8 text ({reason} at byte {offset}); "
+                                  "re-encode it, e.g. iconv -f latin1 -t utf-8") from e
             raise ConfigError(f"{self.key}: cannot read {self.location} as {self.format}: "
-                              f"{type(e).__name__}: {e}") from e
+                              f"{type(e).__name__}: {' '.join(str(e).split())}") from e
 
     def _load_hub(self):
         import datasets

@@ -13,6 +13,19 @@ def pruned_count(numel: int, sparsity: float) -> int:
     return int(round(sparsity * numel))
 
 
+def kept_count(shape: tuple[int, int], sparsity: float, pattern: str = "unstructured",
+               granularity: str = "row") -> int:
+    """How many weights of a [d_out, d_in] matrix `keep_mask` keeps (every pruner keeps these
+    counts; SparseGPT's per-block counts telescope to them): known before any weight is read."""
+    d_out, d_in = shape
+    nm = nm_for(pattern, d_in)
+    if nm is not None:
+        return d_out * (d_in // nm[1]) * nm[0]
+    if granularity == "row":
+        return d_out * (d_in - pruned_count(d_in, sparsity))
+    return d_out * d_in - pruned_count(d_out * d_in, sparsity)
+
+
 def keep_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
     """Boolean mask of the `keep` largest entries along the last dim (ties: lower index)."""
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :keep]

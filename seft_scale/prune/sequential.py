@@ -41,14 +41,15 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def targets_by_layer(targets: Sequence[tuple[str, nn.Linear]], layers_name: str,
-                     num_layers: int) -> list[list[tuple[str, nn.Linear]]]:
-    """The targets inside each decoder layer; a target outside them is an error."""
+                     num_layers: int, key: str = "seft.targets") -> list[list[tuple[str, nn.Linear]]]:
+    """The targets inside each decoder layer; a target outside them is an error naming `key`
+    (the config key or flag the targets came from)."""
     groups = [[] for _ in range(num_layers)]
     for name, lin in targets:
         head, _, rest = name.partition(layers_name + ".")
         index = rest.split(".", 1)[0]
         if head or not index.isdigit():
-            raise ConfigError(f"seft.targets: {name} is outside the decoder layers "
+            raise ConfigError(f"{key}: {name} is outside the decoder layers "
                               f"({layers_name}.*); layer-wise pruning covers only their Linears")
         groups[int(index)].append((name, lin))
     return groups

@@ -187,9 +187,7 @@ def open_skeleton(model_dir: Path, dtype: torch.dtype, attn_implementation: str,
 
     if not (model_dir / "config.json").is_file():
         raise ConfigError(f"--model: {model_dir} is not a Hugging Face model folder (no config.json)")
-    if not any((model_dir / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
-        raise ConfigError(f"--model: {model_dir} has no model.safetensors(.index.json); only "
-                          "safetensors checkpoints are read (convert .bin files first)")
+    source = SafetensorsFolder(model_dir, "--model")  # every weight file complete, before any work
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
@@ -199,7 +197,6 @@ def open_skeleton(model_dir: Path, dtype: torch.dtype, attn_implementation: str,
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"--model: cannot build a causal LM and tokenizer from {model_dir}: {e}") from None
     model.config.use_cache = False
-    source = SafetensorsFolder(model_dir)
     known = model.state_dict().keys()
     unknown = [k for k in source.where if k not in known]
     if unknown:
@@ -212,9 +209,10 @@ def open_skeleton(model_dir: Path, dtype: torch.dtype, attn_implementation: str,
 def prune_folder(model_dir: str | Path, out_dir: str | Path, cfg: PruneConfig,
                  targets: Sequence[str] = tuple(SeftConfig().targets), device: str = "cpu",
                  dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
-                 trust_remote_code: bool = False, log=print) -> dict:
+                 trust_remote_code: bool = False, log=print, targets_key: str = "seft.targets") -> dict:
     """Prune the HF folder `model_dir` into `out_dir` (module docstring); returns the report that
-    is also written to <out_dir>/prune_report.json. All inputs are checked before heavy work."""
+    is also written to <out_dir>/prune_report.json. All inputs are checked before heavy work;
+    `targets_key` is where `targets` came from (a config key or flag), named in errors."""
     if cfg.method not in ("magnitude", *CALIBRATED):
         raise ConfigError(f"prune.method (--method): {cfg.method!r}; choose magnitude, wanda or sparsegpt")
     cfg.validate()
@@ -222,14 +220,18 @@ def prune_folder(model_dir: str | Path, out_dir: str | Path, cfg: PruneConfig,
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out: {out} exists and is not an empty folder (nothing was written)")
     tokenizer, model, source = open_skeleton(model_dir, dtype, attn_implementation, trust_remote_code)
-    found = find_targets(model, list(targets))
+    found = find_targets(model, list(targets), targets_key)
     check_shapes(found, cfg)
     layers_name, layers = decoder_layers(model)
-    groups = targets_by_layer(found, layers_name, len(layers))
+    groups = targets_by_layer(found, layers_name, len(layers), targets_key)
     calib = None
     if cfg.method in CALIBRATED:
-        calib = calibration_windows(read_calibration_text(cfg.calib_data), tokenizer,
-                                    cfg.nsamples, cfg.seqlen, cfg.seed)
+        text = read_calibration_text(cfg.calib_data)
+        context = getattr(model.config, "max_position_embeddings", None)
+        if context and cfg.seqlen > context:
+            raise ConfigError(f"prune.seqlen (--seqlen): {cfg.seqlen} exceeds the model's "
+                              f"max_position_embeddings {context} ({model_dir / 'config.json'})")
+        calib = calibration_windows(text, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
 
     # -- heavy work from here on
     baseline, t0 = current_rss(), time.perf_counter()
