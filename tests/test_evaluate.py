@@ -128,7 +128,7 @@ def test_launch_evaluate_end_to_end(tiny, saved, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "perplexity  ppl" in res.stdout and "seqlen 64" in res.stdout
+    assert "perplexity  heldout      ppl" in res.stdout and "seqlen 64" in res.stdout
     result = json.loads(out.read_text())
     assert result["perplexity"]["ppl"] == pytest.approx(perplexity(model, tok, TEXTS, 64)["ppl"], rel=1e-5)
     assert result["lm_eval"]["seft_tiny_mc"]["sample_len"] == 5
