@@ -62,7 +62,8 @@ class SqftMethod(TorchOptimMethod):
     def merge(self, start_dir: Optional[Path]) -> dict:
         with torch.no_grad():
             for _, lin in self.targets:
-                lin.weight.add_(masked_update(lin).to(lin.weight.dtype))
+                # summed in fp32, then rounded once: a bf16 sum can cancel a kept weight to exactly 0
+                lin.weight.copy_((lin.weight.to(torch.float32) + masked_update(lin)).to(lin.weight.dtype))
                 del lin.lora_A, lin.lora_B, lin.lora_scale, lin.lora_dropout
                 lin.__class__ = nn.Linear
         return self.report(self.model, start_dir)
