@@ -559,6 +559,18 @@ def compare(config: str, output_dir: str | Path, methods: list[str], lrs: dict[s
                 run(row, row.chosen_lr, s)
         result["rows"].append(summarize_row(row))
         (out / "compare.json").write_text(json.dumps(result, indent=1))  # a partial result survives a kill
+    return render(out, result)
+
+
+def render(out: Path, result: Optional[dict] = None) -> dict:
+    """Print the table and write compare.md / compare.png from a result (default: out/compare.json,
+    e.g. the rows a stopped comparison had finished)."""
+    out = Path(out)
+    if result is None:
+        path = out / "compare.json"
+        if not path.is_file():
+            raise ConfigError(f"--render: {out} holds no compare.json")
+        result = json.loads(path.read_text())
     write_plot(result, out / "compare.png")
     (out / "compare.md").write_text(format_table(result, markdown=True) + "\n")
     print(format_table(result))

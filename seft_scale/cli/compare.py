@@ -24,19 +24,22 @@ Prints one table (perplexity of each eval.ppl_data text, validation loss, lm-eva
 eval.tasks, exact sparsity, wall time, peak RSS per row) and writes DIR/compare.json,
 DIR/compare.md (the table in Markdown), DIR/compare.png and DIR/logs/. A run that fails is shown
 with the last line of its stderr; the others still run; the exit status is 1 if any row failed.
+compare.json is rewritten after every row: `seft-compare --render DIR` prints the table and
+writes compare.md / compare.png from it, e.g. for the rows of a comparison that was stopped.
 """
 import argparse
 import sys
 
 from seft_scale.compare import (DEFAULT_METHODS, SWEEPS, compare, parse_ablations, parse_grids, parse_lrs,
-                                parse_methods)
+                                parse_methods, render)
 from seft_scale.errors import ConfigError
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="run config YAML (see configs/runs/)")
-    ap.add_argument("--output-dir", required=True, help="new (or empty) folder for every run's output")
+    ap.add_argument("--config", help="run config YAML (see configs/runs/)")
+    ap.add_argument("--output-dir", help="new (or empty) folder for every run's output")
+    ap.add_argument("--render", metavar="DIR", help="only print / draw the table of DIR/compare.json")
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                     help=f"comma-separated, run in this order (default {','.join(DEFAULT_METHODS)})")
     ap.add_argument("--lr", default=None, metavar="METHOD=LR,...",
@@ -51,7 +54,12 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*", metavar="key=value",
                     help="config overrides for every run, e.g. train.steps=20 seft.lora_rank=8")
     args = ap.parse_args(argv)
+    if args.render is None and not (args.config and args.output_dir):
+        ap.error("--config and --output-dir are required (or --render DIR)")
     try:
+        if args.render is not None:
+            result = render(args.render)
+            return int(any(r["status"] != "ok" for r in result["rows"]))
         result = compare(args.config, args.output_dir, parse_methods(args.methods), parse_lrs(args.lr),
                          args.overrides, sweep=args.sweep, grids=parse_grids(args.grid), seeds=args.seeds,
                          ablations=parse_ablations(args.ablations))

@@ -185,3 +185,8 @@ def test_sweep_seeds_and_ablations(tiny_yaml, tmp_path, monkeypatch, capsys):
     assert len([t for t in ran if t[0] == "none"]) == 1
     table = capsys.readouterr().out
     assert "3e-05,0.0001,0.0003" in table and "±" in table and "acc mc" in table
+    (out / "compare.md").unlink()
+    assert main(["--render", str(out)]) == 0  # the table again from compare.json
+    assert capsys.readouterr().out.splitlines()[-3:-1] == table.splitlines()[-3:-1]
+    assert (out / "compare.md").read_text().count("\n") == 2 + 5
+    assert main(["--render", str(tmp_path)]) == 2 and "holds no compare.json" in capsys.readouterr().err
