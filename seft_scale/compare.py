@@ -286,9 +286,14 @@ def run_trial(trial: Trial, config: str, start: str, run_dir: Path, log: Path) -
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
-        for line in proc.stdout:
-            out.write(line)
-            print(f"{tag} {line}", end="", flush=True)
+        try:
+            for line in proc.stdout:
+                out.write(line)
+                print(f"{tag} {line}", end="", flush=True)
+        except BaseException:  # interrupted or terminated (cli: SIGTERM -> SystemExit): no orphan run
+            proc.kill()
+            proc.wait()
+            raise
         proc.stdout.close()
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again

@@ -28,6 +28,7 @@ compare.json is rewritten after every row: `seft-compare --render DIR` prints th
 writes compare.md / compare.png from it, e.g. for the rows of a comparison that was stopped.
 """
 import argparse
+import signal
 import sys
 
 from seft_scale.compare import (DEFAULT_METHODS, SWEEPS, compare, parse_ablations, parse_grids, parse_lrs,
@@ -56,6 +57,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.render is None and not (args.config and args.output_dir):
         ap.error("--config and --output-dir are required (or --render DIR)")
+    def terminate(signum, frame):  # let the running trial be ended with us (run_trial kills it)
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, terminate)
     try:
         if args.render is not None:
             result = render(args.render)
