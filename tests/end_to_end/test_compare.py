@@ -190,3 +190,28 @@ def test_sweep_seeds_and_ablations(tiny_yaml, tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.splitlines()[-3:-1] == table.splitlines()[-3:-1]
     assert (out / "compare.md").read_text().count("\n") == 2 + 5
     assert main(["--render", str(tmp_path)]) == 2 and "holds no compare.json" in capsys.readouterr().err
+
+
+def test_an_interrupted_comparison_ends_its_trial(tmp_path, monkeypatch):
+    events = []
+
+    class Proc:
+        pid = 0
+
+        @property
+        def stdout(self):
+            def lines():
+                yield "step 1\n"
+                raise KeyboardInterrupt
+            return lines()
+
+        def kill(self):
+            events.append("kill")
+
+        def wait(self):
+            events.append("wait")
+    monkeypatch.setattr(compare_mod.subprocess, "Popen", lambda *a, **k: Proc())
+    trial = compare_mod.Trial("seft", "seft", 1e-3, 0, [], None)
+    with pytest.raises(KeyboardInterrupt):
+        compare_mod.run_trial(trial, "c.yaml", "start", tmp_path / "run", tmp_path / "logs" / "t")
+    assert events == ["kill", "wait"] and (tmp_path / "logs" / "t.out").read_text() == "step 1\n"
