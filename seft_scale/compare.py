@@ -480,7 +480,7 @@ def write_plot(result: dict, path: Path) -> Optional[Path]:
     bars.set_xticklabels([r["label"] for r in ok], rotation=30, ha="right", fontsize=8)
     bars.set(ylabel="held-out perplexity", title="held-out perplexity (lower is better; dashed: dense)")
     if names:
-        bars.legend(fontsize=8)
+        bars.legend(fontsize=8, loc="lower left")
     for i, r in enumerate(rows):
         metrics = Path(r.get("run_dir") or "", "metrics.jsonl")
         recs = [json.loads(x) for x in metrics.read_text().splitlines() if x] if metrics.is_file() else []
