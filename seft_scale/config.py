@@ -357,9 +357,11 @@ class EvalConfig:
     """Evaluation inside a run (seft_scale/evaluate.py; launch/evaluate.py does the same for any
     saved folder). Runs on one process: sharded runs evaluate their export with launch/evaluate.py."""
 
-    ppl_data: Optional[str] = None
-    """Held-out text for perplexity by the Wanda/SparseGPT protocol (.txt, or .json/.jsonl of
-    {"text": ...} records). Empty: no perplexity."""
+    ppl_data: Optional[str | dict[str, str]] = None
+    """Held-out text(s) for perplexity by the Wanda/SparseGPT protocol (.txt, or .json/.jsonl of
+    {"text": ...} records, or `asset:` names): one path, named after its file, or a mapping
+    {name: path} of several (e.g. in-domain and out-of-domain text), each measured on its own;
+    the first is the run's headline perplexity. Empty: no perplexity."""
     seqlen: int = 512
     """Tokens per perplexity window."""
     max_windows: Optional[int] = None
@@ -378,7 +380,19 @@ class EvalConfig:
     """Write loss.png (loss curve) and reactivation.png (per-layer reactivated positions) when
     matplotlib is installed."""
 
+    def ppl_sets(self) -> dict[str, str]:
+        """{name: path} of the perplexity texts, in the configured order (empty: none)."""
+        if not self.ppl_data:
+            return {}
+        if isinstance(self.ppl_data, dict):
+            return dict(self.ppl_data)
+        return {Path(self.ppl_data).stem or "heldout": self.ppl_data}
+
     def validate(self) -> "EvalConfig":
+        if isinstance(self.ppl_data, dict):
+            _need(len(self.ppl_data) > 0, "eval.ppl_data", "an empty mapping; leave it empty instead")
+            bad = [k for k in self.ppl_data if not re.fullmatch(r"[A-Za-z0-9_.-]+", k)]
+            _need(not bad, "eval.ppl_data", f"text names {bad} must be letters, digits, _ . -")
         _need(self.seqlen > 1, "eval.seqlen", "must be > 1")
         _need(self.max_windows is None or self.max_windows > 0, "eval.max_windows", "must be > 0")
         _need(self.limit is None or self.limit > 0, "eval.limit", "must be > 0")
@@ -387,20 +401,33 @@ class EvalConfig:
 
 @dataclass
 class BaselineConfig:
-    """The LoRA-based baselines (method lora_star or sqft); see seft_scale/methods.py."""
+    """The baselines' own settings (methods static, lora_star, sqft, spp; seft_scale/baselines/)."""
 
     lora_rank: Optional[int] = None
-    """LoRA rank r. Empty: seft.lora_rank, so the baseline trains exactly SEFT's K = r·(d_in+d_out)
-    values per matrix."""
+    """Rank r of the trainable budget r·(d_in+d_out) per matrix: LoRA's rank (lora_star, sqft)
+    and what spp's row-group count is matched to. Empty: seft.lora_rank, so every method trains
+    (about) SEFT's K = r·(d_in+d_out) values per matrix."""
     lora_alpha: Optional[float] = None
-    """LoRA scaling numerator (update scaled by alpha / r). Empty: 2·r."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA input (lora_star only; PEFT's lora_dropout)."""
+    """Scaling numerator: the update is scaled by alpha / r (lora_star, sqft, spp). Empty: 2·r,
+    the α/r = 2 of every source paper's defaults (Wanda's LoRA 16/8, SQFT 64/32, SPP 16/8)."""
+    lora_dropout: Optional[float] = None
+    """Dropout on the adapter's input (lora_star, sqft, spp). Empty: the method's paper default
+    (lora_star 0.05, sqft 0.1, spp 0.05; see each module under seft_scale/baselines/)."""
+    reprune: Optional[Literal["magnitude", "wanda", "sparsegpt"]] = None
+    """The pruner lora_star re-prunes with after merging, calibrated on prune.calib_data
+    (prune.nsamples, seqlen, seed) for wanda / sparsegpt. Empty: prune.method, the pruner that
+    made the start; required when the start comes pruned (prune.method none)."""
+    spp_groups: Optional[int] = None
+    """spp's row groups r_g per matrix (W_α is r_g × d_in; r_g must divide d_out). Empty: per
+    matrix the divisor of d_out that brings r_g·d_in + d_out closest to r·(d_in+d_out) (a
+    deviation from SPP's code, which fixes 16, made to compare at equal budgets); 16: SPP's code."""
 
     def validate(self) -> "BaselineConfig":
         _need(self.lora_rank is None or self.lora_rank > 0, "baseline.lora_rank", "must be > 0")
         _need(self.lora_alpha is None or self.lora_alpha > 0, "baseline.lora_alpha", "must be > 0")
-        _need(0 <= self.lora_dropout < 1, "baseline.lora_dropout", "must be in [0, 1)")
+        _need(self.lora_dropout is None or 0 <= self.lora_dropout < 1, "baseline.lora_dropout",
+              "must be in [0, 1)")
+        _need(self.spp_groups is None or self.spp_groups > 0, "baseline.spp_groups", "must be > 0")
         return self
 
 
@@ -408,10 +435,10 @@ class BaselineConfig:
 class RunConfig:
     """One run: model, pruning, repair method, data and loop."""
 
-    method: Literal["seft", "static", "lora_star", "sqft", "none"] = "seft"
+    method: Literal["seft", "static", "lora_star", "sqft", "spp", "none"] = "seft"
     """Repair method: seft, or a baseline at the same sparsity (seft_scale/methods.py): static
     (all nonzeros trainable, mask re-applied), lora_star (LoRA, merge, re-prune), sqft (LoRA masked
-    by the support), none (the pruned model as it is)."""
+    by the support), spp (SPP's W ⊙ (1 + s·W_α W_β) update), none (the pruned model as it is)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The causal LM to repair."""
     prune: PruneConfig = field(default_factory=PruneConfig)
@@ -425,7 +452,7 @@ class RunConfig:
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     """FSDP2 settings; read only by --backend fsdp."""
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
-    """LoRA settings of the lora_star and sqft baselines."""
+    """Settings of the baselines (LoRA rank and scaling, lora_star's re-pruner, spp's groups)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Perplexity / lm-eval inside the run."""
 
@@ -434,9 +461,17 @@ class RunConfig:
         for section in (self.model, self.prune, self.seft, self.data, self.train, self.baseline,
                         self.eval):
             section.validate()
-        if self.method in ("lora_star", "sqft"):
+        if self.method in ("lora_star", "sqft", "spp"):
             _need(self.baseline.lora_rank is not None or self.seft.lora_rank is not None,
                   "baseline.lora_rank", f"method {self.method} needs a rank (this one or seft.lora_rank)")
+        if self.method == "lora_star":
+            pruner = self.baseline.reprune or self.prune.method
+            _need(pruner != "none", "baseline.reprune",
+                  "method lora_star re-prunes after merging with the pruner that made the start; the "
+                  "start comes pruned (prune.method none), so name it: magnitude, wanda or sparsegpt "
+                  "(wanda / sparsegpt also need prune.calib_data)")
+            _need(pruner not in ("wanda", "sparsegpt") or bool(self.prune.calib_data), "prune.calib_data",
+                  f"lora_star re-prunes with {pruner}, which needs calibration text")
         _need("dense" not in self.eval.stages or self.prune.method != "none", "eval.stages",
               "dense needs a run that prunes (prune.method other than none)")
         return self
@@ -462,9 +497,12 @@ class RunConfig:
         d.train = resolve_source(d.train, d.format, base_dir, "data.train")
         if d.validation:
             d.validation = resolve_source(d.validation, d.format, base_dir, "data.validation")
-        if p.method in ("wanda", "sparsegpt"):
+        calibrated = ("wanda", "sparsegpt")
+        if p.method in calibrated or (self.method == "lora_star" and self.baseline.reprune in calibrated):
             p.calib_data = resolve_source(p.calib_data, "auto", base_dir, "prune.calib_data")
-        if e.ppl_data:
+        if isinstance(e.ppl_data, dict):
+            e.ppl_data = {k: resolve_path(v, base_dir, f"eval.ppl_data.{k}") for k, v in e.ppl_data.items()}
+        elif e.ppl_data:
             e.ppl_data = resolve_path(e.ppl_data, base_dir, "eval.ppl_data")
         if e.include_path:
             e.include_path = resolve_path(e.include_path, base_dir, "eval.include_path")
@@ -550,7 +588,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        if len(inner) > 1:  # str | dict[...]: the member the value's kind names
+            for a in inner:
+                if isinstance(value, typing.get_origin(a) or a):
+                    return _coerce(value, a, key)
+            raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in inner)}, got {value!r}")
         return _coerce(value, inner[0], key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {_coerce(k, args[0], f"{key}"): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")

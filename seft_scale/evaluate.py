@@ -206,7 +206,7 @@ def sparsity_report(matrices: Iterable[tuple[str, torch.Tensor]],
 
 # ---------------------------------------------------------------------------------- all together
 
-def evaluate_model(model, tokenizer, ppl_texts: Optional[Sequence[str]] = None,
+def evaluate_model(model, tokenizer, ppl_texts: Optional[Sequence[str] | dict[str, Sequence[str]]] = None,
                    seqlen: Optional[int] = None,
                    tasks: Sequence[str] = (), include_path: Optional[str | Path] = None,
                    limit: Optional[int] = None, batch_size: int = 1, max_windows: Optional[int] = None,
@@ -215,7 +215,9 @@ def evaluate_model(model, tokenizer, ppl_texts: Optional[Sequence[str]] = None,
                    matrices: Optional[Iterable[tuple[str, torch.Tensor]]] = None) -> dict:
     """Perplexity (when `ppl_texts`), lm-eval `tasks`, and the sparsity of the target matrices.
 
-    `seqlen` defaults to Wanda's choice, the model's context length (capped at 2048 here).
+    `ppl_texts` is one held-out set (a list of texts) or several by name ({name: texts}), each
+    its own perplexity: result["perplexity"] is the first set's, result["perplexity_texts"]
+    {name: result} all of them. `seqlen` defaults to Wanda's choice, the model's context length (capped at 2048 here).
     `tasks` are lm-eval names or objects from `load_tasks`. Inputs are checked (tasks resolved and
     their datasets loaded, ppl texts tokenised) before any forward pass. `matrices` overrides where
     the sparsity is read (e.g. `folder_matrices` of the saved folder)."""
@@ -223,12 +225,16 @@ def evaluate_model(model, tokenizer, ppl_texts: Optional[Sequence[str]] = None,
     seqlen = seqlen or min(2048, max_pos)
     if ppl_texts is not None and seqlen > max_pos:
         raise ConfigError(f"--seqlen: {seqlen} exceeds the model's max_position_embeddings {max_pos}")
-    windows = ppl_windows(tokenizer, ppl_texts, seqlen, max_windows) if ppl_texts is not None else None
+    sets = ppl_texts if isinstance(ppl_texts, dict) or ppl_texts is None else {"ppl": ppl_texts}
+    windows = {name: ppl_windows(tokenizer, texts, seqlen, max_windows)
+               for name, texts in (sets or {}).items()}
     loaded = load_tasks(tasks, include_path) if tasks else []
     matrices = matrices if matrices is not None else model_matrices(model, targets)
     result = {"sparsity": sparsity_report(matrices, nm)}
-    if windows is not None:
-        result["perplexity"] = windows_perplexity(model, *windows, batch_size)
+    if windows:
+        result["perplexity_texts"] = {name: windows_perplexity(model, *w, batch_size)
+                                      for name, w in windows.items()}
+        result["perplexity"] = next(iter(result["perplexity_texts"].values()))
     if loaded:
         t0 = time.perf_counter()
         result["lm_eval"] = run_lm_eval(model, tokenizer, loaded, batch_size, limit, num_fewshot)
@@ -241,27 +247,42 @@ def stage_eval(model, tokenizer, cfg, stage: str) -> Optional[dict]:
     eval section asks (cfg: the RunConfig); None when it asks for nothing at this stage. The
     dense stage is measured before pruning, so it checks no N:M pattern."""
     e = cfg.eval
-    texts = read_ppl_texts(e.ppl_data) if e.ppl_data and stage in e.stages else None
+    texts = ({name: read_ppl_texts(path) for name, path in e.ppl_sets().items()}
+             if e.ppl_data and stage in e.stages else None)
     tasks = e.tasks if stage == "repaired" else []
     if texts is None and not tasks:
         return None
     res = evaluate_model(model, tokenizer, texts, e.seqlen, tasks=tasks, include_path=e.include_path,
                          limit=e.limit, max_windows=e.max_windows, targets=cfg.seft.targets,
                          nm=None if stage == "dense" else cfg.prune.nm)
-    if "perplexity" in res:
-        print(f"[{stage}] held-out perplexity {res['perplexity']['ppl']:.3f} (seqlen "
-              f"{e.seqlen}, {res['perplexity']['windows']} windows), sparsity "
-              f"{res['sparsity']['summary']['sparsity']:.4f}")
+    for name, p in res.get("perplexity_texts", {}).items():
+        print(f"[{stage}] held-out perplexity {name} {p['ppl']:.3f} (seqlen {e.seqlen}, "
+              f"{p['windows']} windows), sparsity {res['sparsity']['summary']['sparsity']:.4f}")
     return res
+
+
+def parse_ppl_data(text: str) -> dict[str, str]:
+    """--ppl-data of seft-eval: one path (named after its file), or name=path,name=path,..."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if len(items) == 1 and "=" not in items[0]:
+        return {Path(items[0]).stem or "ppl": items[0]}
+    out = {}
+    for item in items:
+        name, sep, path = (x.strip() for x in item.partition("="))
+        if not sep or not name or not path:
+            raise ConfigError(f"--ppl-data: {item!r} is not name=path (several texts: a=x.txt,b=y.txt)")
+        if name in out:
+            raise ConfigError(f"--ppl-data: the name {name!r} is given twice")
+        out[name] = path
+    return out
 
 
 def format_results(result: dict) -> str:
     """A console table: perplexity, lm-eval metrics, and sparsity per matrix type."""
     lines = []
-    if "perplexity" in result:
-        p = result["perplexity"]
-        lines.append(f"perplexity  ppl {p['ppl']:.4f}  (seqlen {p['seqlen']}: {p['windows']} windows = "
-                     f"{p['windows'] * p['seqlen']} of {p['tokens']} tokens, {p['time_s']:.1f} s)")
+    for name, p in result.get("perplexity_texts", {}).items():
+        lines.append(f"perplexity  {name:<12} ppl {p['ppl']:.4f}  (seqlen {p['seqlen']}: {p['windows']} "
+                     f"windows = {p['windows'] * p['seqlen']} of {p['tokens']} tokens, {p['time_s']:.1f} s)")
     for task, metrics in result.get("lm_eval", {}).items():
         shown = [f"{k} {v:.4f}" + (f" ± {metrics[k + '_stderr']:.4f}" if k + "_stderr" in metrics else "")
                  for k, v in metrics.items() if not k.endswith("_stderr") and k != "sample_len"]

@@ -32,13 +32,17 @@ def print_summary(summary: dict, export_dir: Path) -> None:
         ([f"held-out ppl {ppl:.3f}"] if ppl is not None else []) + \
         [f"sparsity {sp['sparsity']:.4f} (budget exact: {sp['exact_budget']})"]
     print(f"done: {', '.join(parts)}; wrote {export_dir}")
-    stages = {k: v["perplexity"] for k, v in summary.get("eval", {}).items() if "perplexity" in v}
+    stages = {k: v["perplexity_texts"] for k, v in summary.get("eval", {}).items()
+              if "perplexity_texts" in v}
     if stages:
-        any_ppl = next(iter(stages.values()))
-        print(f"held-out perplexity (seqlen {any_ppl['seqlen']}, {any_ppl['windows']} windows):")
-        for stage, p in stages.items():
+        names = list(next(iter(stages.values())))
+        any_ppl = next(iter(stages.values()))[names[0]]
+        print(f"held-out perplexity (seqlen {any_ppl['seqlen']}):")
+        print(f"  {'':9s} " + " ".join(f"{n:>12s}" for n in names))
+        for stage, texts in stages.items():
             sparsity = summary["eval"][stage]["sparsity"]["summary"]["sparsity"]
-            print(f"  {stage:9s} {p['ppl']:10.3f}   sparsity {sparsity:.4f}")
+            print(f"  {stage:9s} " + " ".join(f"{texts[n]['ppl']:12.3f}" for n in names)
+                  + f"   sparsity {sparsity:.4f}")
 
 
 def export_run(model, tokenizer, per_matrix: dict, backend, export_dir: Path,

@@ -206,3 +206,65 @@ def test_build_atomically(tmp_path):
 
     assert build_atomically(other, lose_the_race) == other and (other / "w").read_text() == "theirs"
     assert not list(tmp_path.glob(".raced.*"))
+
+
+def _botchan_sdist(path: Path, text: str) -> str:
+    with tarfile.open(path, "w:gz") as tar:
+        data = text.encode("utf-8")
+        info = tarfile.TarInfo(assets.BOTCHAN_MEMBER)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_botchan_text_and_task_built_offline(cache, tmp_path, monkeypatch):
+    """The out-of-domain asset from a fake sentencepiece sdist placed by hand: the narrative cut out
+    of the Gutenberg file (BOM, CRLF, header, preface, errata and their markers gone), the
+    next-sentence task deterministic, its YAML loadable by lm-eval, and the pinned digests checked."""
+    import re
+    import textwrap
+    words, sents, at = re.findall(r"[A-Za-z']+", TEMPEST), [], 0
+    for k in range(300):  # sentences of 8-19 words, hard-wrapped like the Gutenberg file
+        n = 8 + (k * 7) % 12
+        sents.append(" ".join(words[at:at + n]).capitalize() + ".")
+        at += n
+    body = textwrap.wrap(" ".join(sents), 70)
+    body[5] += " [A]"
+    lines = (["\ufeffProject Gutenberg's Botchan", "Translator's preface.", "CHAPTER I"] + body
+             + ["--(THE END)--", "[A: a note of the transcriber]", "End of Project Gutenberg"])
+    raw = "\r\n".join(lines) + "\r\n"
+    (cache / "downloads").mkdir(parents=True)
+    tarball = cache / "downloads" / "sentencepiece-0.2.0.tar.gz"
+    digest = _botchan_sdist(tarball, raw)
+    monkeypatch.setattr(assets, "SENTENCEPIECE", Distribution("sentencepiece==0.2.0", tarball.name, digest, True))
+    with pytest.raises(AssetError, match="botchan.txt: sha256"):
+        assets.botchan_texts()  # the real file's digest is pinned
+    assert not (cache / "botchan").exists()  # nothing half-built left
+    monkeypatch.setattr(assets, "BOTCHAN_SHA256", hashlib.sha256(raw.encode("utf-8")).hexdigest())
+
+    text = assets.read_botchan(tarball)
+    assert text.startswith("CHAPTER I\n") and text.endswith("--(THE END)--\n")
+    assert "\r" not in text and "\ufeff" not in text and "[A]" not in text and "Gutenberg" not in text
+    assert "transcriber" not in text and "preface" not in text
+    items = assets.next_sentence_items(text)
+    assert items == assets.next_sentence_items(text) and len(items) > 10  # the same items every time
+    for it in items:
+        assert len(it["choices"]) == 4 and it["context"] and 0 <= it["label"] < 4
+        gold = it["choices"][it["label"]]
+        assert all(0.7 * len(gold) <= len(c) <= 1.3 * len(gold) for c in it["choices"])
+    assert len({it["label"] for it in items}) > 1  # the answer is not always in one place
+    jsonl = "".join(json.dumps(x, sort_keys=True) + "\n" for x in items)
+    with pytest.raises(AssetError, match="the item rule changed"):
+        assets.botchan_texts()
+    monkeypatch.setattr(assets, "BOTCHAN_TASK_SHA256", hashlib.sha256(jsonl.encode()).hexdigest())
+
+    folder = assets.botchan_texts()
+    assert folder == cache / "botchan" and (folder / "botchan.txt").read_text() == text
+    assert (folder / "tasks" / "botchan_nextsent.jsonl").read_text() == jsonl
+    assert assets.resolve_asset("botchan/tasks") == folder / "tasks"
+
+    from seft_scale.evaluate import load_tasks
+    task = load_tasks(["botchan_nextsent"], folder / "tasks")[0]
+    docs = list(task.test_docs())
+    assert len(docs) == len(items) and task.doc_to_choice(docs[0]) == items[0]["choices"]
+    assert task.doc_to_target(docs[0]) == items[0]["label"]

@@ -128,7 +128,7 @@ def test_launch_evaluate_end_to_end(tiny, saved, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "perplexity  ppl" in res.stdout and "seqlen 64" in res.stdout
+    assert "perplexity  heldout      ppl" in res.stdout and "seqlen 64" in res.stdout
     result = json.loads(out.read_text())
     assert result["perplexity"]["ppl"] == pytest.approx(perplexity(model, tok, TEXTS, 64)["ppl"], rel=1e-5)
     assert result["lm_eval"]["seft_tiny_mc"]["sample_len"] == 5
@@ -167,3 +167,37 @@ def test_bad_inputs_are_named(saved, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     with pytest.raises(ConfigError, match="cannot load the dataset of lm-eval task 'seft_hub_mc'"):
         load_tasks(["seft_hub_mc"], hub_task)
+
+
+def test_several_named_texts_each_get_a_perplexity(tiny):
+    model, tok = tiny
+    sets = {"in_domain": TEXTS[:2], "out_of_domain": TEXTS[2:]}
+    res = evaluate_model(model, tok, sets, 64, max_windows=3)
+    assert list(res["perplexity_texts"]) == ["in_domain", "out_of_domain"]
+    for name, texts in sets.items():
+        assert res["perplexity_texts"][name] == pytest.approx(
+            dict(perplexity(model, tok, texts, 64, max_windows=3), time_s=res["perplexity_texts"][name]["time_s"]))
+    assert res["perplexity"] is res["perplexity_texts"]["in_domain"]  # the headline: the first text
+    one = evaluate_model(model, tok, TEXTS, 64, max_windows=3)  # a plain list: one set
+    assert list(one["perplexity_texts"]) == ["ppl"]
+
+
+def test_eval_ppl_data_takes_a_path_or_named_paths(tiny_yaml, tmp_path):
+    from seft_scale.config import load_config
+    from seft_scale.evaluate import parse_ppl_data
+
+    tempest = str(ROOT / "configs/data/tempest.txt")
+    one = load_config(tiny_yaml, [f"eval.ppl_data={tempest}"])
+    assert one.eval.ppl_data == tempest and one.eval.ppl_sets() == {"tempest": tempest}
+    two = load_config(tiny_yaml, [f"eval.ppl_data={{a: {tempest}, b: configs/data/tempest.txt}}"])
+    assert two.eval.ppl_sets() == {"a": tempest, "b": tempest}  # relative paths resolved
+    with pytest.raises(ConfigError, match="eval.ppl_data.b: nowhere.txt does not exist"):
+        load_config(tiny_yaml, [f"eval.ppl_data={{a: {tempest}, b: nowhere.txt}}"])
+    with pytest.raises(ConfigError, match=r"eval.ppl_data: text names \['a b'\]"):
+        load_config(tiny_yaml, [f"eval.ppl_data={{'a b': {tempest}}}"])
+    with pytest.raises(ConfigError, match="eval.ppl_data: expected str or dict"):
+        load_config(tiny_yaml, ["eval.ppl_data=[1, 2]"])
+    assert parse_ppl_data("x/held.txt") == {"held": "x/held.txt"}
+    assert parse_ppl_data("a=x.txt,b=y.jsonl") == {"a": "x.txt", "b": "y.jsonl"}
+    with pytest.raises(ConfigError, match="--ppl-data: the name 'a' is given twice"):
+        parse_ppl_data("a=x.txt,a=y.txt")

@@ -9,6 +9,7 @@ import torch
 from seft_scale.backends.local import LocalBackend
 from seft_scale.config import RunConfig, SeftConfig, load_config
 from seft_scale.errors import ConfigError
+from seft_scale.baselines.spp import spp_groups
 from seft_scale.methods import METHODS, make_method, trainable_count
 from seft_scale.model import find_targets
 from tests.helpers import pruned_tiny_llama
@@ -22,11 +23,18 @@ def test_registry_matches_the_config_choices():
 
 def test_trainable_counts_match_lora_rank(tiny_yaml):
     cfg = load_config(tiny_yaml, ["seft.lora_rank=3"])
-    mats = [((64, 64), 2048), ((32, 64), 1024), ((160, 64), 5120)]
+    mats = [((64, 64), 2048), ((32, 64), 1024), ((160, 64), 5120), ((64, 160), 5120)]
     r = 3 * sum(a + b for (a, b), _ in mats)
     assert trainable_count("seft", mats, cfg) == trainable_count("lora_star", mats, cfg) == r
-    assert trainable_count("sqft", mats, cfg) == r and trainable_count("static", mats, cfg) == 8192
+    assert trainable_count("sqft", mats, cfg) == r and trainable_count("static", mats, cfg) == 13312
     assert trainable_count("none", mats, cfg) == 0
+    # spp: r_g·d_in + d_out with r_g the divisor of d_out closest to the LoRA budget
+    assert [spp_groups(o, i, 3) for (o, i), _ in mats] == [4, 4, 8, 4]
+    assert trainable_count("spp", mats, cfg) == 4 * 64 + 64 + 4 * 64 + 32 + 8 * 64 + 160 + 4 * 160 + 64
+    assert spp_groups(11008, 4096, 8, fixed=16) == 16  # SPP's code: 16 row groups
+    assert spp_groups(4096, 4096, 8) == 16  # 2r - 1 = 15 does not divide 4096
+    fixed = load_config(tiny_yaml, ["seft.lora_rank=3", "baseline.spp_groups=16"])
+    assert trainable_count("spp", mats[:1], fixed) == 16 * 64 + 64
 
 
 def test_trainable_count_by_density_and_capped():
@@ -61,7 +69,7 @@ class Sharded(LocalBackend):
     sharded = True
 
 
-@pytest.mark.parametrize("method", ["static", "sqft", "none"])
+@pytest.mark.parametrize("method", ["static", "sqft", "spp", "none"])
 def test_baselines_refuse_sharded_backends(pruned, method):
     cfg = RunConfig(method=method, seft=SeftConfig(lora_rank=2))
     model = copy.deepcopy(pruned)

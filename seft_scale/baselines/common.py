@@ -1,10 +1,12 @@
 """What the baselines share: one process, torch AdamW over the parameters each baseline's
-`build()` makes trainable, the starting model's support masks, checkpoints of parameters and
-optimizer state, and the per-matrix report of the merged model."""
+`build()` makes trainable (fp32 whatever the model's dtype), the starting model's support masks,
+checkpoints of parameters and optimizer state, the per-matrix report of the merged model, and
+each baseline's paper defaults (`PaperDefaults`)."""
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -17,6 +19,18 @@ from seft_scale.config import RunConfig
 from seft_scale.errors import ConfigError
 from seft_scale.model import SafetensorsFolder
 from seft_scale.sparsity import matrix_report
+
+
+@dataclass(frozen=True)
+class PaperDefaults:
+    """What a baseline's paper (or reference code) uses, where this toolkit follows it."""
+
+    citation: str
+    """The paper and the code the numbers come from."""
+    lr: float
+    """Peak learning rate: compare's default for the method and the centre of its --sweep lr grid."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapter's input when baseline.lora_dropout is empty."""
 
 
 def lora_rank(cfg: RunConfig) -> int:
@@ -33,10 +47,22 @@ def lora_alpha(cfg: RunConfig) -> float:
     return cfg.baseline.lora_alpha if cfg.baseline.lora_alpha is not None else 2 * lora_rank(cfg)
 
 
+def lora_dropout(cfg: RunConfig, paper: PaperDefaults) -> float:
+    """Dropout on the adapter input: baseline.lora_dropout, else the paper's."""
+    return cfg.baseline.lora_dropout if cfg.baseline.lora_dropout is not None else paper.lora_dropout
+
+
+def kaiming_uniform(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
+    """PEFT's / nn.Linear's init of a [rows, cols] factor, kaiming_uniform(a=√5): U(±1/√cols), fp32."""
+    bound = 1 / math.sqrt(cols)
+    return torch.empty(rows, cols).uniform_(-bound, bound, generator=generator)
+
+
 class TorchOptimMethod(ABC):
     """A baseline: `build()` returns [(name, parameter)] to train; `merge()` makes the model plain."""
 
     name = ""
+    paper: PaperDefaults
 
     def __init__(self, cfg: RunConfig, backend, model: nn.Module,
                  targets: Sequence[tuple[str, nn.Linear]], tokenizer=None):
@@ -99,15 +125,26 @@ class TorchOptimMethod(ABC):
         return out
 
     def load(self, ckpt: Path) -> None:
+        """Parameters and optimizer state of a checkpoint. The state goes through
+        `optimizer.load_state_dict`, which moves it to each parameter's device and dtype (the file
+        holds CPU tensors)."""
         tensors = load_file(str(ckpt / rank_file(0)))
         with torch.no_grad():
             for n, p in self.params:
                 p.copy_(tensors[f"param/{n}"])
-                state = {k.rsplit("/", 1)[1]: v for k, v in tensors.items()
-                         if k.startswith(f"opt/{n}/")}
-                if state:
-                    state["step"] = state["step"].reshape(())
-                    self.opt.state[p] = state
+        if self.opt is None:
+            return
+        saved = self.opt.state_dict()
+        for i, (n, _) in enumerate(self.params):  # one param group: state keys are these indices
+            state = {k.rsplit("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"opt/{n}/")}
+            if state:
+                state["step"] = state["step"].reshape(())
+                saved["state"][i] = state
+        self.opt.load_state_dict(saved)
+        self.after_load()
+
+    def after_load(self) -> None:
+        """Hook for what a baseline derives from its restored parameters (static: the weights)."""
 
     def report(self, model: nn.Module, start_dir: Optional[Path], support_is_nonzeros: bool = False) -> dict:
         """The merged targets' report; the support is the start mask, or (a baseline that

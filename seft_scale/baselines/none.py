@@ -4,11 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from seft_scale.baselines.common import TorchOptimMethod
+from seft_scale.baselines.common import PaperDefaults, TorchOptimMethod
 
 
 class NoRepair(TorchOptimMethod):
     name = "none"
+    paper = PaperDefaults("the pruned model, no repair", lr=0.0)
 
     def build(self):
         return []

@@ -20,14 +20,15 @@ from seft_scale.cli import report_errors
 from seft_scale.config import ModelConfig, parse_pattern
 from seft_scale.errors import ConfigError
 from seft_scale.evaluate import (evaluate_model, folder_matrices, format_results, load_tasks,
-                                 read_ppl_texts)
+                                 parse_ppl_data, read_ppl_texts)
 from seft_scale.model import check_weights, load_model
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="HF model folder (config.json, safetensors, tokenizer)")
-    ap.add_argument("--ppl-data", help="text for perplexity: .txt, or .json/.jsonl with a 'text' field")
+    ap.add_argument("--ppl-data", help="text for perplexity: .txt, or .json/.jsonl with a 'text' field; "
+                                       "several as name=path,name=path (each its own perplexity)")
     ap.add_argument("--seqlen", type=int, help="perplexity window (default: context length, at most 2048)")
     ap.add_argument("--max-windows", type=int, help="perplexity on the first N windows only")
     ap.add_argument("--tasks", default="", help="comma-separated: ppl and/or lm-eval task names")
@@ -66,7 +67,8 @@ def run(args) -> dict:
         nm = parse_pattern(args.pattern)
     except ValueError as e:
         raise ConfigError(f"--pattern: {e}") from None
-    texts = read_ppl_texts(args.ppl_data) if want_ppl else None
+    texts = ({name: read_ppl_texts(path) for name, path in parse_ppl_data(args.ppl_data).items()}
+             if want_ppl else None)
     matrices = folder_matrices(model_dir, [t for t in args.targets.split(",") if t])
     tasks = load_tasks(tasks, args.include_path)  # before the model: a bad task fails fast
     out = Path(args.out) if args.out else model_dir / "evaluation.json"

@@ -16,6 +16,8 @@ which states the peak-memory formula) the weights, too, are present one decoder 
 """
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -23,7 +25,7 @@ from torch import nn
 
 from seft_scale.config import PruneConfig
 from seft_scale.errors import ConfigError
-from seft_scale.prune.masks import keep_mask
+from seft_scale.prune.masks import keep_mask, keep_top
 from seft_scale.prune.sparsegpt import Hessian, sparsegpt_prune
 from seft_scale.prune.wanda import InputNorms, wanda_scores
 from seft_scale.sparsity import matrix_report
@@ -65,12 +67,22 @@ def new_statistic(method: str, lin: nn.Linear):
 
 
 @torch.no_grad()
-def prune_weight(weight: torch.Tensor, cfg: PruneConfig, statistic=None) -> torch.Tensor:
-    """Prune one [d_out, d_in] weight in place by cfg.method; returns the keep mask."""
+def prune_weight(weight: torch.Tensor, cfg: PruneConfig, statistic=None,
+                 budget: Optional[int] = None) -> torch.Tensor:
+    """Prune one [d_out, d_in] weight in place by cfg.method; returns the keep mask.
+
+    `budget`: end with exactly this many nonzeros (re-pruning to a start's budget, which can be
+    below the pattern's count when the start held exact zeros inside its kept set). Unstructured
+    patterns then prune at the budget's own sparsity 1 - B/numel; see `fit_budget` for the rest."""
+    if budget is not None and cfg.nm is None:
+        cfg = replace(cfg, sparsity=1 - budget / weight.numel())
     if cfg.method == "sparsegpt":
         pruned, keep = sparsegpt_prune(weight, statistic.hessian, cfg.sparsity, cfg.pattern,
                                        cfg.granularity, cfg.block_size, cfg.damp)
         weight.copy_(pruned)
+        if budget is not None:  # the OBS update is done: trim by the magnitude of what it left
+            keep = fit_budget(keep, weight.abs().float(), weight != 0, budget, cfg.nm)
+            weight.mul_(keep)
         return keep
     if cfg.method == "wanda":
         scores = wanda_scores(weight, statistic.sq_norms)
@@ -79,8 +91,40 @@ def prune_weight(weight: torch.Tensor, cfg: PruneConfig, statistic=None) -> torc
     else:
         raise ConfigError(f"prune.method: {cfg.method!r} is not a pruner")
     keep = keep_mask(scores, cfg.sparsity, cfg.pattern, cfg.granularity)
+    if budget is not None:
+        keep = fit_budget(keep, scores, weight != 0, budget, cfg.nm)
     weight.mul_(keep)
     return keep
+
+
+def fit_budget(keep: torch.Tensor, scores: torch.Tensor, nonzero: torch.Tensor, budget: int,
+               nm: Optional[tuple[int, int]]) -> torch.Tensor:
+    """The pruner's mask made to hold exactly `budget` nonzeros: kept positions whose weight is an
+    exact zero do not count; extra ones are dropped lowest score first, and a shortfall is filled
+    with the highest-scored nonzero positions the pattern leaves room for (N:M: groups holding
+    fewer than N). Ties go to the lower flat position. When the weight has fewer than `budget`
+    nonzeros left the mask keeps them all (the caller's budget check then names the matrix)."""
+    have = keep & nonzero
+    count = int(have.sum())
+    flat = scores.to(torch.float32).reshape(-1)
+    if count > budget:
+        ranked = torch.where(have.reshape(-1), flat, torch.tensor(-math.inf))
+        return keep_top(ranked, budget).view_as(keep)
+    if count == budget:
+        return have
+    extra = nonzero & ~have
+    if nm is not None:  # per group, only the best (N - kept) of its extra positions may join
+        n, m = nm
+        d_out, d_in = keep.shape
+        room = n - have.reshape(d_out, d_in // m, m).sum(-1, keepdim=True)
+        grouped = torch.where(extra.reshape(d_out, d_in // m, m), scores.to(torch.float32).reshape(
+            d_out, d_in // m, m), torch.tensor(-math.inf))
+        order = torch.sort(grouped, dim=-1, descending=True, stable=True).indices
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(m).expand_as(order))
+        extra = extra & (rank < room).reshape(d_out, d_in)
+    ranked = torch.where(extra.reshape(-1), flat, torch.tensor(-math.inf))
+    take = min(budget - count, int(extra.sum()))
+    return have | keep_top(ranked, take).view_as(keep)
 
 
 def matrix_entry(weight: torch.Tensor, keep: torch.Tensor, nm) -> dict:
@@ -158,8 +202,10 @@ def _statistic_hook(statistic):
 def prune_layerwise(model: nn.Module, targets: Sequence[tuple[str, nn.Linear]], cfg: PruneConfig,
                     calib: Optional[torch.Tensor], device,
                     load_layer: Optional[Callable[[int], None]] = None,
-                    save_layer: Optional[Callable[[int], None]] = None) -> dict[str, dict]:
+                    save_layer: Optional[Callable[[int], None]] = None,
+                    budgets: Optional[dict[str, int]] = None) -> dict[str, dict]:
     """Prune `targets` layer by layer (see the module docstring); returns the per-matrix report.
+    `budgets` ({name: nonzeros}) makes each matrix end with exactly that many (`prune_weight`).
 
     `calib` ([N, T] token ids) is required by wanda and sparsegpt and unused by magnitude.
     `load_layer(i)` is called before layer i is touched and `save_layer(i)` once it is final."""
@@ -189,7 +235,8 @@ def prune_layerwise(model: nn.Module, targets: Sequence[tuple[str, nn.Linear]], 
                 for h in hooks:
                     h.remove()
         for name, lin in groups[i]:
-            keep = prune_weight(lin.weight.data, cfg, statistics.pop(name, None))
+            keep = prune_weight(lin.weight.data, cfg, statistics.pop(name, None),
+                                None if budgets is None else budgets[name])
             report[name] = matrix_entry(lin.weight.data, keep, nm)
         if inputs is not None and i + 1 < len(layers):
             _run_layer(layer, inputs, outputs, call)
