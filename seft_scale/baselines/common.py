@@ -105,8 +105,9 @@ class TorchOptimMethod(ABC):
                 p.copy_(tensors[f"param/{n}"])
                 state = {k.rsplit("/", 1)[1]: v for k, v in tensors.items()
                          if k.startswith(f"opt/{n}/")}
-                if state:
-                    state["step"] = state["step"].reshape(())
+                if state:  # the moments on the parameter's device (load_file gives CPU tensors);
+                    # `step` stays on the CPU, where torch's AdamW keeps it (not fused/capturable)
+                    state = {k: v.reshape(()) if k == "step" else v.to(p.device) for k, v in state.items()}
                     self.opt.state[p] = state
 
     def report(self, model: nn.Module, start_dir: Optional[Path], support_is_nonzeros: bool = False) -> dict:
