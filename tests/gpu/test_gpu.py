@@ -133,18 +133,21 @@ def test_kernel_matches_a_dense_reference_in_bf16_and_restores_theta(kernel, tap
 # -------------------------------------------------------------------------------- methods
 
 @contextlib.contextmanager
-def deterministic():
+def deterministic(facts: dict):
     """Deterministic kernels for the comparison of two runs: some CUDA backward kernels sum with
     atomics in an order that varies from run to run (PyTorch's reproducibility notes), which would
     differ in the last bits whether or not the run was resumed. warn_only: an op without a
-    deterministic version warns (the caller records it) instead of failing the run."""
+    deterministic version warns instead of failing the run; those warnings go into `facts`, also
+    when the block fails (they are the first thing to read then)."""
     torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield caught
-    finally:
-        torch.use_deterministic_algorithms(False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(False)
+            facts["nondeterministic_ops"] = sorted({str(w.message).splitlines()[0][:200] for w in caught
+                                                    if "deterministic" in str(w.message)})
 
 
 def state_tensors_of(method) -> dict[str, torch.Tensor]:
@@ -165,18 +168,18 @@ def strip_timing(path):
 
 
 RUNS = [(m, ()) for m in METHODS] + [("seft", ("seft.window_scores=dense",))]
+RUN_IDS = [m + "".join(f"-{o.split('=')[1]}" for o in e) for m, e in RUNS]
 
 
-@pytest.mark.parametrize("method,extra", RUNS, ids=[m + "".join(f"-{o.split('=')[1]}" for o in e)
-                                                    for m, e in RUNS])
+@pytest.mark.parametrize("method,extra", RUNS, ids=RUN_IDS)
 def test_method_trains_keeps_the_budget_resumes_bit_identical_and_exports(
         method, extra, tiny_yaml, tmp_path, monkeypatch, txt_data, gpu_facts):
     cls = METHODS[method]
     overrides = [f"method={method}", "train.checkpoint_every=8", "eval.plots=false",
                  f"data.cache_dir={tmp_path / 'cache'}", *extra]
-    if method in ("lora_star", "sqft"):
+    if method == "lora_star":
         pytest.importorskip("peft")
-    facts = gpu_facts.setdefault("methods", {}).setdefault(method + "".join(extra), {})
+    facts = gpu_facts.setdefault("methods", {}).setdefault(RUN_IDS[RUNS.index((method, extra))], {})
     seen = {"devices": set(), "loaded": []}
     real_after, real_load = cls.after_backward, cls.load
 
@@ -185,7 +188,7 @@ def test_method_trains_keeps_the_budget_resumes_bit_identical_and_exports(
         return real_after(self, step, lr)
     monkeypatch.setattr(cls, "after_backward", watched_after)
 
-    with deterministic() as caught:
+    with deterministic(facts):
         a = train_tiny(tiny_yaml, tmp_path / "a", *overrides)
         start = load_file(str(tmp_path / "a" / "pruned" / "model.safetensors"))
         end = load_file(str(tmp_path / "a" / "export" / "model.safetensors"))
@@ -235,8 +238,6 @@ def test_method_trains_keeps_the_budget_resumes_bit_identical_and_exports(
             assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
             assert strip_timing(tmp_path / "a" / "metrics.jsonl") == \
                 strip_timing(tmp_path / "b" / "metrics.jsonl")
-    facts["nondeterministic_ops"] = sorted({str(w.message).splitlines()[0][:200] for w in caught
-                                            if "deterministic" in str(w.message)})
 
     # the export on the GPU: a plain HF folder with the reported nonzeros, a finite loss
     from transformers import AutoModelForCausalLM
