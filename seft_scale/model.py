@@ -56,7 +56,13 @@ def build_tiny_llama(cfg: ModelConfig, vocab_size: int, dtype: torch.dtype, attn
     with torch.random.fork_rng():
         torch.manual_seed(t.seed)
         model = LlamaForCausalLM(config)
-    return model.to(dtype)
+    # parameters only: the rotary inv_freq buffers stay fp32, as from_pretrained builds them, so
+    # the model reloaded from its saved folder (a resumed run, the export) computes the same
+    # (model.to(bfloat16) would round them: a different model in 16 bits)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.to(dtype)
+    return model
 
 
 def load_model(cfg: ModelConfig, device: torch.device, train_text: Optional[str] = None,

@@ -139,3 +139,20 @@ def test_dtype_and_attention_choices():
     assert resolve_attn("auto", cpu) == "sdpa" and resolve_attn("eager", cpu) == "eager"
     with pytest.raises(ConfigError, match=r"^model\.attn_implementation: flash_attention_2 needs CUDA"):
         resolve_attn("flash_attention_2", cpu)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_a_built_model_computes_what_its_saved_folder_computes(tmp_path, dtype):
+    """The tiny model built in memory (a run's start) and the same model reloaded from its folder
+    (a resumed run, the export): same tensors, buffers included, and the same loss to the bit. A
+    16-bit model.to(dtype) would round the rotary inv_freq that from_pretrained keeps in fp32."""
+    cfg = ModelConfig(tiny=CFG.tiny, dtype=dtype)
+    built, tok = load_model(cfg, torch.device("cpu"), train_text=TEXT)
+    assert all(p.dtype == getattr(torch, dtype) for p in built.parameters())
+    save_model(built, tok, tmp_path / "m")
+    loaded, _ = load_model(cfg, torch.device("cpu"), path=str(tmp_path / "m"))
+    a, b = dict(built.named_buffers()), dict(loaded.named_buffers())
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    ids = torch.randint(len(tok), (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(built(input_ids=ids, labels=ids).loss, loaded(input_ids=ids, labels=ids).loss)

@@ -5,6 +5,7 @@ fine-tuning, on the same pruned model and batch, measured in one run (figures, n
     python launch/bench/bench_step.py --shape l7 --layers 1 --batch 1 --seq 512 --rank 32
     python launch/bench/bench_step.py --shape smollm --layers 4            # SmolLM2-135M's shape
     python launch/bench/bench_step.py --model DIR --layers 0 --seq 512      # an HF folder
+    python launch/bench/bench_step.py --shape l7 --layers 2 --seq 2048 --json OUT.json  # + figures as JSON
 
 --shape l7 is Llama-2-7B's decoder layer (hidden 4096, intermediate 11008, 32 heads) with a
 small vocabulary (2048), so the layers, not the embedding and logits, dominate the step, as they
@@ -18,14 +19,19 @@ steps (G sampled at the candidates), one topology update, and the amortised step
 A = 5 as a run has them: (ΔT - A)·plain + first + (A - 1)·later + update, all / ΔT. The torch
 profiler's matmul count of a plain step shows that no full weight-gradient matmul runs there.
 Also the gather_cost_ratio of seft.kernel: auto (sampled multiply-add vs matmul multiply-add).
+--shape tiny (hidden 256) is for checking the script itself in seconds (launch/gpu_check.sh's CPU
+mode). On CUDA every clock read waits for the device first (torch.cuda.synchronize).
 
 Measured on 2 AVX2 cores (2026-12), see README's benchmark section for the table.
 """
 import argparse
 import copy
 import ctypes
+import json
+import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -40,16 +46,24 @@ TARGETS = SeftConfig().targets
 SHAPES = {  # (hidden, intermediate, heads, kv heads, vocab)
     "l7": (4096, 11008, 32, 32, 2048),
     "smollm": (576, 1536, 9, 3, 49152),
+    "tiny": (256, 688, 8, 4, 1024),
 }
+
+
+def now() -> float:
+    """The host clock once queued device work is done (CUDA runs asynchronously)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def timed(fn, repeats: int) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = now()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(now() - t0)
     return statistics.median(times)
 
 
@@ -130,15 +144,15 @@ def bench_seft(model, batch, args, device, kernel: str):
         def window_sequence():
             times = []
             for t in range(6, 11):
-                t0 = time.perf_counter()
+                t0 = now()
                 method.before_step(t)
                 model(**batch).loss.backward()
                 if t < 10:
                     method.after_backward(t, 1e-3)
-                times.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
+                times.append(now() - t0)
+            t0 = now()
             method.after_backward(10, 1e-3)  # window end + the topology update
-            times.append(time.perf_counter() - t0)
+            times.append(now() - t0)
             return times
         window_sequence()  # warm-up
         runs = [window_sequence() for _ in range(max(1, args.repeats // 2))]
@@ -248,6 +262,8 @@ def main(argv=None):
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="auto: bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", default=None, metavar="PATH",
+                    help="also write every figure printed (seconds, bytes) as JSON to PATH")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
@@ -291,10 +307,27 @@ def main(argv=None):
           f"LoRA {lora['state_bytes'] / mib:.1f} MiB")
     print(f"full weight-gradient matmuls in a plain SEFT step (torch profiler): {s['weight_grad_matmuls']}")
     print(f"\nkernel cost ratio ({args.batch * args.seq} tokens, K = rank·(d_in+d_out)):")
-    for (d_out, d_in), r in gather_cost_ratio(base, args.batch * args.seq, args.repeats, args.rank,
-                                              device).items():
+    ratios = gather_cost_ratio(base, args.batch * args.seq, args.repeats, args.rank, device)
+    for (d_out, d_in), r in ratios.items():
         print(f"  {d_out}x{d_in}: sddmm {r['sddmm_ms']:8.2f} ms  dense G {r['dense_ms']:8.2f} ms  "
               f"-> gather_cost_ratio ≈ {r['ratio']:.1f}")
+    if args.json:
+        write_json(args, base, device, dtype, res, ratios)
+
+
+def write_json(args, model, device, dtype, res: dict, ratios: dict) -> None:
+    """The run's settings and every figure above (times in s, memory in bytes) as JSON."""
+    c = model.config
+    run = {k: v for k, v in vars(args).items() if k != "json"}
+    run.update(device=str(device), dtype=str(dtype).removeprefix("torch."), layers=c.num_hidden_layers,
+               hidden=c.hidden_size, intermediate=c.intermediate_size, vocab=c.vocab_size,
+               params=sum(p.numel() for p in model.parameters()), threads=torch.get_num_threads(),
+               torch=torch.__version__, python=platform.python_version(),
+               gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
+    out = {"run": run, "methods": res,
+           "kernel_cost_ratio": {f"{d_out}x{d_in}": r for (d_out, d_in), r in ratios.items()}}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
 
 
 if __name__ == "__main__":
