@@ -290,14 +290,16 @@ def _slot_layout() -> tuple[int, str]:
 # index (int64), Σ G, Σ G² and the step's G (fp32); adapt a local index, Σ G and the step's G.
 GROW_CANDIDATE_B, ADAPT_CANDIDATE_B = 20, 16
 DENSE_WINDOW_B = 12  # DenseWindow: Σ G, Σ G² and the step's G, fp32, per weight of the shard
-# Scratch of choosing candidates at the window's first micro-batch, per element of the shard:
-# the pool of local indices and its global positions (int64), |G| (fp32), the selection keys and
-# the first radix round's digits (int64), the support (bool); measured ~40 B on CPU runs
-CHOOSE_B = 40
-# Scratch of a topology update per candidate (per element of the shards with dense scores), one
-# layer at a time: the filtered candidates, their global positions, selection keys and radix
-# digits (int64 each), scores (fp32) and masks; measured ~44 B on CPU runs
-UPDATE_B = 44
+# Scratch of choosing candidates at the window's first micro-batch, per element of the shard (the
+# adapt choice, the larger: the support, W = θ + S, |W·G|, the k-th-value copy, the kept mask;
+# the radix select then runs over ~K kept entries only); measured ~4 B above the G it replaces
+CHOOSE_B = 4
+# Scratch of a topology update, one layer at a time, per candidate of the rank (per element of
+# its shards with dense scores): the filtered candidates, their global positions (int64), scores
+# (fp32), masks and the k-th-value pre-filter; plus, per slot of the layer and on every rank, the
+# part that does not shrink with W (each rank keeps up to k of its entries for the exact select).
+# Measured on CPU runs at 1-3 ranks: ~12 B and ~10 B
+UPDATE_B, UPDATE_RANK_B = 12, 10
 # LoRA's trainable state per value (LoRA line): parameter, gradient and two fp32 Adam moments, the
 # parameter kept in fp32 (PEFT casts adapters to fp32 under autocast; DeepSpeed/FSDP keep fp32
 # masters of 16-bit ones)
@@ -421,13 +423,16 @@ def plan_memory(inp: PlanInput) -> MemoryPlan:
         gw_fwd = gw_bwd = 0.0
     # the kernel, one matrix at a time: its gathered slots (W > 1) and, in backward, the sddmm's
     # CSR pattern, fp32 token blocks and δ-gradients, or the dense kernel's G
-    bwd_scratch = 0
-    for (_, r, c), k in zip(targets, caps):
+    def kernel_scratch(r: int, c: int, k: int, sampled: int = 0) -> int:
+        """One matrix's backward: gathered slots (W > 1) and the sddmm over k + sampled positions
+        (its CSR pattern, positions, values and fp32 token blocks) or the dense kernel's G."""
         kernel = sf.kernel if sf.kernel != "auto" else choose_kernel(k, r * c, sf.gather_cost_ratio)
         block = max(64, SDDMM_BLOCK_BYTES // (4 * max(r, c)))
-        sddmm_b = 32 * k + 4 * min(T, block) * (r + c) + 8 * r
-        bwd_scratch = max(bwd_scratch, (12 * k if W > 1 else 0)
-                          + (r * c * ec + 4 * k if kernel == "dense" else sddmm_b))
+        if kernel == "dense" and not sampled:
+            return (12 * k if W > 1 else 0) + r * c * ec + 4 * k
+        return (12 * k if W > 1 else 0) + 32 * (k + sampled) + 4 * min(T, block) * (r + c) + 8 * r
+
+    bwd_scratch = max(kernel_scratch(r, c, k) for (_, r, c), k in zip(targets, caps))
     add("sparse-delta kernel scratch", "step", bwd_scratch,
         "one matrix: gathered (pos, δ) 12 B·K (W > 1) + sddmm: 32 B·K + fp32 token blocks of g, x "
         "| dense: G in compute dtype")
@@ -448,24 +453,38 @@ def plan_memory(inp: PlanInput) -> MemoryPlan:
                      f"candidates · {ADAPT_CANDIDATE_B} B")
     n_max = max(r * c for _, r, c in targets)
     shard_max = max(shard(r, c) for _, r, c in targets)
-    # the fp32 shard of G is a copy unless one fp32 rank (then it is G itself)
-    g_one = n_max * ec + (shard_max * 4 if W > 1 or ec != 4 else 0) \
+    # G's fp32 shard is a copy also at one fp32 rank (measured: the transposed product is copied)
+    g_one = n_max * ec + shard_max * 4 \
         + (math.ceil(n_max / W) * W * 4 if W > 1 else 0)
     if sf.window_scores == "candidates":
         g_one += shard_max * CHOOSE_B
     add("one matrix's dense G", "window", g_one,
         "largest target: G in compute dtype, its fp32 shard, reduce-scatter chunks (W > 1)"
         + (f", choosing candidates {CHOOSE_B} B per shard element" if sf.window_scores == "candidates" else ""))
-    window_peak = max(acts_fwd + gw_fwd,
-                      acts + gw_bwd + max(logits, recompute + g_one + mlp_grads, gather_buffer))
+    # the dense G of a window's first micro-batch peaks at each layer's first target in backward
+    # (down_proj): without checkpointing only its own input and output gradient are alive next to
+    # the saved activations; with it the layer is recomputed first, its MLP gradients follow (measured)
+    # later window steps (candidates) sample G at every candidate in the slots' sddmm
+    sampled = max(kernel_scratch(r, c, k, sampled=k + max(k, 2 * _grow_bound(sf, k)))
+                  for (_, r, c), k in zip(targets, caps)) if sf.window_scores == "candidates" else 0
+    window_peak = max(acts_fwd + gw_fwd, acts + gw_bwd + max(
+        logits, recompute + g_one + (mlp_grads if inp.activation_checkpointing else 0),
+        recompute + sampled + mlp_grads, gather_buffer))
 
     # -- topology update: one decoder layer at a time (SeftMethod.layer_groups)
     if sf.window_scores == "dense":
-        upd = add("topology update scratch", "update", UPDATE_B * (n_shard // nl),
-                  f"Σ_layer targets numel/W · {UPDATE_B} B")
+        upd = add("topology update scratch", "update", 2 * UPDATE_B * (n_shard // nl),
+                  f"Σ_layer targets numel/W · {2 * UPDATE_B} B")
     else:
-        upd = add("topology update scratch", "update", UPDATE_B * (k_shard // nl),
-                  f"Σ_layer K/W candidates · {UPDATE_B} B")
+        k_layer = sum(caps)
+        upd = add("topology update scratch", "update", UPDATE_B * (k_shard // nl) + UPDATE_RANK_B * k_layer,
+                  f"Σ_layer K/W candidates · {UPDATE_B} B + Σ_layer K · {UPDATE_RANK_B} B")
+    if zero is not None:
+        # refresh after θ edits: a target ZeRO holds gathered is all-gathered again from its
+        # partitions; counted for the largest target, an upper bound (only targets ZeRO still holds
+        # gathered at the update are refreshed: measured 0.6-0.7 of this line at 2-3 CPU ranks)
+        upd += add("ZeRO-3 refresh of a gathered target", "update", n_max * e,
+                   f"largest target · {e} B (re-gathered after the update's θ edits)")
 
     gpu_resident = sum(x.bytes for x in lines if x.phase == "resident")
     cpu = theta + seft_state + scores + upd if offload else 0.0

@@ -165,11 +165,16 @@ class Comm:
         if not self.grouped:
             return local
         width = max(counts)
-        padded = torch.zeros(width, dtype=local.dtype, device=self.device)
-        padded[: len(local)] = local
+        if len(local) == width:
+            padded = local.contiguous()
+        else:
+            padded = torch.zeros(width, dtype=local.dtype, device=self.device)
+            padded[: len(local)] = local
         out = torch.empty(width * len(counts), dtype=local.dtype, device=self.device)
         with self.guard("an all-gather"):
             dist.all_gather_into_tensor(out, padded)
+        if all(c == width for c in counts):  # no padding to cut out (e.g. ZeRO's equal partitions)
+            return out
         return torch.cat([out[r * width: r * width + c] for r, c in enumerate(counts)])
 
     def counts(self, n: int) -> list[int]:

@@ -138,6 +138,7 @@ class Zero3Backend:
                               "the zero3 backend partitions it; evaluate the export with "
                               "seft-eval (launch/evaluate.py)")
         self.rank, self.world, _ = init_distributed()
+        _skip_shm_op_build()
         deepspeed.init_distributed(dist_backend=dist.get_backend())  # wraps the group above
         self.comm = Comm()
         self.device = _compute_device()

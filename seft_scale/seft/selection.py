@@ -112,7 +112,7 @@ Allreduce = Callable[[torch.Tensor], torch.Tensor]
 
 def select_topk(
     scores: Sequence[torch.Tensor],
-    positions: Sequence[torch.Tensor],
+    positions: Sequence[torch.Tensor | int],
     k: Sequence[int],
     largest: bool = True,
     allreduce: Allreduce | None = None,
@@ -120,13 +120,14 @@ def select_topk(
     """For each matrix i, mark the local entries among the global top-k[i] (or bottom-k[i]).
 
     scores[i], positions[i]: this rank's candidates of matrix i (1-D, same length; positions are
-    global flat positions, unique across ranks). `allreduce` sums a tensor over ranks in place and
-    returns it (None: one rank). Every rank must call with the same matrices and k.
+    global flat positions, unique across ranks; an int p stands for the contiguous positions p,
+    p+1, ..., never built). `allreduce` sums a tensor over ranks in place and returns it (None:
+    one rank). Every rank must call with the same matrices and k.
     """
     for s in scores:
         check_scores(s, "select_topk")
     kept = [_local_bound(s.reshape(-1), kk, largest) for s, kk in zip(scores, k)]
-    keys = [score_keys(s.reshape(-1)[m], p.reshape(-1)[m], largest)
+    keys = [score_keys(s.reshape(-1)[m], m + p if isinstance(p, int) else p.reshape(-1)[m], largest)
             for s, p, m in zip(scores, positions, kept)]
     sel = RadixSelect(keys, k)
     while not sel.finished:

@@ -98,19 +98,18 @@ class CandidateWindow:
         """The candidate sets from the first micro-batch's G (every rank calls it for the same
         matrix in the same backward, so the exact global top-k can all-reduce)."""
         d = self.d
-        support = torch.nonzero(d.support()).reshape(-1) if self.restricted or self.adapt_k else None
-        if self.restricted:
-            sel = select_topk([g[support].abs()], [support + d.offset], [self.grow_k], True,
-                              self.allreduce)[0]
-            self.grow_idx = support[sel]
+        support = d.support()
+        if self.restricted:  # N:M or no reactivation: only support positions can grow
+            pool = torch.nonzero(support).reshape(-1)
+            sel = select_topk([g[pool].abs()], [pool + d.offset], [self.grow_k], True, self.allreduce)[0]
+            self.grow_idx = pool[sel]
         else:
-            every = torch.arange(d.length, device=g.device)
-            sel = select_topk([g.abs()], [every + d.offset], [self.grow_k], True, self.allreduce)[0]
+            sel = select_topk([g.abs()], [d.offset], [self.grow_k], True, self.allreduce)[0]
             self.grow_idx = torch.nonzero(sel).reshape(-1)
-        if self.adapt_k > 0:
-            score = (d.weights_at(support) * g[support]).abs()
-            sel = select_topk([score], [support + d.offset], [self.adapt_k], False, self.allreduce)[0]
-            self.adapt_idx = support[sel]
+        if self.adapt_k > 0:  # scored over the whole shard, positions outside the support last
+            score = (d.effective() * g).abs_().masked_fill_(~support, float("inf"))
+            sel = select_topk([score], [d.offset], [self.adapt_k], False, self.allreduce)[0]
+            self.adapt_idx = torch.nonzero(sel & support).reshape(-1)
         self.grow_sum = torch.zeros(len(self.grow_idx), dtype=torch.float32, device=g.device)
         self.grow_sumsq, self.grow_step = torch.zeros_like(self.grow_sum), torch.zeros_like(self.grow_sum)
         if self.adapt_idx is not None:
