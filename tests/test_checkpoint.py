@@ -29,7 +29,9 @@ def test_save_latest_and_keep(tmp_path):
     assert steps(tmp_path) == ["latest", "step_00000020", "step_00000030"]  # no temporaries left
     assert (tmp_path / CKPT_DIR / "latest").read_text() == "step_00000030"
     state = load_trainer_state(latest_checkpoint(tmp_path))
+    files = state.pop("files")  # what check_checkpoint verifies on resume
     assert state == {"data_position": 120, "step": 30, "world_size": 1}
+    assert files == {rank_file(0): {"bytes": (path / rank_file(0)).stat().st_size, "tensors": 2}}
     saved = load_file(str(tmp_path / CKPT_DIR / "step_00000030" / rank_file(0)))
     want = tensors(30)
     assert saved.keys() == want.keys() and all(torch.equal(saved[k], v) for k, v in want.items())
@@ -54,11 +56,13 @@ def test_a_temporary_folder_is_never_used(tmp_path):
     assert latest_checkpoint(tmp_path).name == "step_00000011"
     save_checkpoint(tmp_path, 20, tensors(20), {}, keep=1)  # the same step later: written afresh
     assert steps(tmp_path) == ["latest", "step_00000020"]
-    assert load_trainer_state(latest_checkpoint(tmp_path)) == {"step": 20, "world_size": 1}
+    assert load_trainer_state(latest_checkpoint(tmp_path)).items() >= {"step": 20, "world_size": 1}.items()
 
 
 @pytest.mark.parametrize("failing_call", [1, 2])  # the folder's rename, then latest's
 def test_a_save_killed_before_a_rename_keeps_the_previous_checkpoint(tmp_path, monkeypatch, failing_call):
+    """Killed before the folder's rename: the previous checkpoint; after it (while `latest` was
+    written): the new folder is complete, and resume takes the newest complete folder."""
     save_checkpoint(tmp_path, 10, tensors(10), {"v": 10})
     real, calls = os.replace, {"n": 0}
 
@@ -71,8 +75,8 @@ def test_a_save_killed_before_a_rename_keeps_the_previous_checkpoint(tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(tmp_path, 20, tensors(20), {"v": 20})
     monkeypatch.setattr(os, "replace", real)
-    ckpt = latest_checkpoint(tmp_path)
-    assert ckpt.name == "step_00000010" and load_trainer_state(ckpt)["v"] == 10
+    ckpt, want = latest_checkpoint(tmp_path), {1: 10, 2: 20}[failing_call]
+    assert ckpt.name == f"step_{want:08d}" and load_trainer_state(ckpt)["v"] == want
 
 
 def test_a_pointer_to_an_incomplete_folder_is_no_checkpoint(tmp_path):
@@ -104,4 +108,4 @@ def test_every_rank_writes_its_own_file(tmp_path):
     files = sorted([rank_file(r) for r in range(world)] + ["trainer.json"])
     assert sorted(p.name for p in ckpt.iterdir()) == files
     assert [int(load_file(str(ckpt / rank_file(r)))["x"]) for r in range(world)] == [0, 1, 2]
-    assert load_trainer_state(ckpt) == {"who": "rank 0", "step": 7, "world_size": 3}
+    assert load_trainer_state(ckpt).items() >= {"who": "rank 0", "step": 7, "world_size": 3}.items()

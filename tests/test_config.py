@@ -13,8 +13,8 @@ import pytest
 from seft_scale import assets
 from seft_scale import config as config_module
 from seft_scale.cli.train import main as train_main
-from seft_scale.config import (BaselineConfig, DataConfig, EvalConfig, PruneConfig, RunConfig,
-                               SeftConfig, TrainConfig, from_dict, load_config, parse_pattern,
+from seft_scale.config import (BaselineConfig, DataConfig, EvalConfig, ModelConfig, PruneConfig, RunConfig,
+                               SeftConfig, TinyModelConfig, TrainConfig, from_dict, load_config, parse_pattern,
                                parse_yaml)
 from seft_scale.errors import ConfigError
 from tests.conftest import ROOT
@@ -192,6 +192,9 @@ RANGES = [  # (section, field values, key the error names)
     (BaselineConfig, {"lora_rank": 0}, "baseline.lora_rank"),
     (BaselineConfig, {"lora_alpha": 0.0}, "baseline.lora_alpha"),
     (BaselineConfig, {"lora_dropout": 1.0}, "baseline.lora_dropout"),
+    (BaselineConfig, {"spp_groups": 0}, "baseline.spp_groups"),
+    (ModelConfig, {"tiny": TinyModelConfig(hidden_size=0)}, "model.tiny.hidden_size"),
+    (ModelConfig, {"tiny": TinyModelConfig(num_attention_heads=3)}, "model.tiny.num_attention_heads"),
 ]
 VALID = {DataConfig: {"train": "x.txt"}}  # the defaults of every other section are valid
 
@@ -220,7 +223,9 @@ def test_every_section_with_ranges_is_covered():
 
 @pytest.mark.parametrize("fields, key", [
     ({"method": "sqft", "seft": SeftConfig(lora_rank=None, density=0.01)}, "baseline.lora_rank"),
-    ({"method": "lora_star", "seft": SeftConfig(lora_rank=None, density=0.01)}, "baseline.lora_rank"),
+    ({"method": "lora_star", "seft": SeftConfig(lora_rank=None, density=0.01),
+      "prune": PruneConfig(method="magnitude")}, "baseline.lora_rank"),
+    ({"method": "lora_star"}, "baseline.reprune"),  # a start pruned elsewhere names its re-pruner
     ({"eval": EvalConfig(stages=["dense", "repaired"])}, "eval.stages"),
 ])
 def test_rules_across_sections_name_the_key(fields, key):

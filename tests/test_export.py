@@ -48,6 +48,6 @@ def test_what_cannot_be_exported_is_named(tmp_path):
     run.write_config(RunConfig(data=DataConfig(train="gone.txt")))
     with pytest.raises(ConfigError, match=r"^--checkpoint: no complete checkpoint in .*checkpoints"):
         export_checkpoint(run.root)
-    with pytest.raises(ConfigError, match=r"^--checkpoint: no complete checkpoint in .*step_1"):
+    with pytest.raises(ConfigError, match=r"^--checkpoint: .*step_1 is not a complete checkpoint \(no such folder\)"):
         export_checkpoint(run.root, tmp_path / "run" / "checkpoints" / "step_1")
     assert sorted(p.name for p in run.root.iterdir()) == ["config.yaml"]  # nothing written

@@ -39,15 +39,17 @@ def test_prepare(cfg, tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match=r"^--output-dir: .*file exists and is not a folder"):
         RunFolder(tmp_path / "file").prepare(cfg, resume=False)
-    with pytest.raises(ConfigError, match=r"^--resume: .*new holds no run \(no config.yaml\)"):
+    assert run.prepare(cfg, resume=True) is None  # a requeued job that died before writing anything
+    (run.root / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"^--resume: .*new holds no run \(no config.yaml\) and is not empty"):
         run.prepare(cfg, resume=True)
-    assert list(run.root.iterdir()) == []
+    assert [p.name for p in run.root.iterdir()] == ["notes.txt"]
 
 
 def test_resume_names_what_changed(cfg, tiny_yaml, tmp_path):
     run = RunFolder(tmp_path / "run")
     run.write_config(cfg)
-    assert run.prepare(cfg, resume=True) is None  # a run without a checkpoint starts over
+    assert run.prepare(cfg, resume=True).checkpoint is None  # no checkpoint yet: it starts over
     changed = load_config(tiny_yaml, ["model.tiny.hidden_size=32", "model.tiny.intermediate_size=48",
                                       "train.steps=50", "seft.lora_rank=8"])
     with pytest.raises(ConfigError) as e:
@@ -60,14 +62,15 @@ def test_resume_names_what_changed(cfg, tiny_yaml, tmp_path):
     free = load_config(tiny_yaml, ["model.tiny.hidden_size=32", "model.tiny.intermediate_size=48",
                                    "train.log_every=1", "train.checkpoint_every=3", "data.cache_dir=/tmp/x"])
     ckpt = save_checkpoint(run.root, 3, {"x": torch.zeros(1)}, {})
-    assert run.prepare(free, resume=True) == ckpt
+    assert run.prepare(free, resume=True).checkpoint == ckpt
     assert run.saved_config() == cfg
 
 
 def test_plan_start_choices(cfg, tmp_path):
     run = RunFolder(tmp_path / "run")
     given = tmp_path / "pruned_elsewhere"
-    assert plan_start(cfg, run, given) == Start(given)  # compare: one pruned folder for every method
+    # compare: one pruned folder for every method
+    assert plan_start(cfg, run, given) == Start(given, key="--start-model")
     built = plan_start(cfg, run)  # a tiny model pruned by magnitude: built here, saved to <run>/pruned
     assert built == Start(None, run.pruned) and built.ref == run.pruned
     cfg.model.path = str(tmp_path / "dense")
@@ -76,11 +79,10 @@ def test_plan_start_choices(cfg, tmp_path):
     assert plan_start(cfg, run) == Start(tmp_path / "dense")  # it comes pruned: start from it
     assert plan_start(cfg, run).ref == tmp_path / "dense"
     cfg.prune.method = "magnitude"
-    run.pruned.mkdir(parents=True)
-    assert plan_start(cfg, run) == Start(None, run.pruned)  # an incomplete pruned/ is rebuilt
-    (run.pruned / "config.json").write_text("{}")
-    assert plan_start(cfg, run) == Start(run.pruned)  # an earlier attempt completed it
-    assert plan_start(cfg, run, given) == Start(given)
+    run.pruned.mkdir(parents=True)  # renamed into place only when complete (build_start)
+    again = plan_start(cfg, run)
+    assert (again.folder, again.key) == (run.pruned, "--resume") and str(run.pruned) in again.remedy
+    assert plan_start(cfg, run, given).folder == given
 
 
 def test_build_start_is_atomic(cfg, tmp_path, monkeypatch):
@@ -98,10 +100,8 @@ def test_build_start_is_atomic(cfg, tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", real)
     assert not run.pruned.exists()
     assert plan_start(cfg, run) == Start(None, run.pruned)  # the next attempt builds it again
-    (run.pruned).mkdir()
-    (run.pruned / "model.safetensors").write_text("half of an older save")
     model, tok = build_start(cfg, backend, run.pruned, text)
-    assert plan_start(cfg, run) == Start(run.pruned)
+    assert plan_start(cfg, run).folder == run.pruned
     assert sorted(p.name for p in run.root.iterdir()) == ["pruned"]  # no partial folder left
     saved = load_file(str(run.pruned / "model.safetensors"))
     state = model.state_dict()

@@ -10,6 +10,8 @@ backend saves a plain model.
 """
 from __future__ import annotations
 
+import math
+
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
@@ -201,6 +203,8 @@ class SeftMethod:
         s, t, allreduce = self.cfg.seft, self.cfg.train, self.comm.allreduce
         norm, scale = clip_slot_grads(self.deltas, t.max_grad_norm, allreduce)
         rec = {"grad_norm": norm, "dropped": 0, "grown": 0, "reactivated": 0, "adapt_pruned": 0}
+        if not math.isfinite(norm):  # the loop stops the run on it: no step, no topology update
+            return rec
         if in_window(step, s.update_interval, s.window, t.steps):
             for d in self.deltas:  # the step's G on the clipped scale of the δ-gradients
                 d.window.end_step(scale)

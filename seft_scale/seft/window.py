@@ -99,6 +99,9 @@ class CandidateWindow:
         matrix in the same backward, so the exact global top-k can all-reduce)."""
         d = self.d
         support = d.support()
+        # a NaN G comes with a non-finite loss or gradient norm, which stops the run after this
+        # backward (train.py); scored 0 here, every rank still reaches that check in step
+        g = torch.nan_to_num(g, nan=0.0)
         if self.restricted:  # N:M or no reactivation: only support positions can grow
             pool = torch.nonzero(support).reshape(-1)
             sel = select_topk([g[pool].abs()], [pool + d.offset], [self.grow_k], True, self.allreduce)[0]

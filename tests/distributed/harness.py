@@ -50,6 +50,13 @@ def _entry(fn, rank, world, port, results, args, env, timeout_s):
             pass
 
 
+def start_process(target, *args):
+    """target(*args) in one process forked from the warm server (started; the caller joins it)."""
+    proc = _ctx.Process(target=target, args=args)
+    proc.start()
+    return proc
+
+
 def start_world(fn, world: int, *args, timeout_s: float = 120, env: dict | None = None):
     """Start fn(rank, world, *args) on `world` ranks and return at once: (processes, queue of
     (rank, "ok" | "error", result or traceback)). For tests that watch the ranks themselves

@@ -18,7 +18,7 @@ from seft_scale.errors import ConfigError
 from tests.conftest import ROOT
 from tests.distributed import harness
 from tests.reliability.conftest import train_argv
-from tests.reliability.workers import fsdp_worker, slow_rank0_worker, start_two_ranks
+from tests.reliability.workers import fsdp_worker, slow_rank0_worker
 
 
 def fsdp(out, fast, resume=False):
@@ -42,7 +42,7 @@ def stop(procs):
 def test_one_rank_of_two_killed_while_writing_a_checkpoint(tmp_path, fast):
     ref, run = tmp_path / "ref", tmp_path / "run"
     assert harness.run_world(fsdp_worker, 2, fsdp(ref, fast), timeout_s=120) == [0, 0]
-    results, procs = start_two_ranks(fsdp(run, fast), "die", 4, timeout_s=120)
+    procs, results = harness.start_world(fsdp_worker, 2, fsdp(run, fast), "die", 4, timeout_s=120)
     try:
         t0 = time.monotonic()
         rank, status, value = first_result(results, procs, 150)
@@ -67,7 +67,8 @@ def test_one_rank_of_two_killed_while_writing_a_checkpoint(tmp_path, fast):
 
 def test_a_frozen_rank_stops_the_other_after_the_collective_timeout(tmp_path, fast):
     timeout_s = 5
-    results, procs = start_two_ranks(fsdp(tmp_path / "run", fast), "freeze", 3, timeout_s=timeout_s)
+    procs, results = harness.start_world(fsdp_worker, 2, fsdp(tmp_path / "run", fast), "freeze", 3,
+                                         timeout_s=timeout_s)
     try:
         t0 = time.monotonic()
         rank, status, value = first_result(results, procs, 150)

@@ -85,8 +85,7 @@ def kill_at(point: str, argv: list[str], arg=None) -> None:
 
 def run_killed(point: str, argv: list[str], arg=None, timeout_s: float = 300) -> int:
     """The exit code of seft-train `argv` killed at `point` in a forked process (-9 if it was)."""
-    proc = harness._ctx.Process(target=kill_at, args=(point, argv, arg))
-    proc.start()
+    proc = harness.start_process(kill_at, point, argv, arg)
     proc.join(timeout_s)
     if proc.is_alive():
         proc.kill()
@@ -106,17 +105,6 @@ def fsdp_worker(rank, world, argv: list[str], kill: str | None = None, step: int
     if rank == 1 and kill == "freeze":
         at_step(step, freeze)
     return main(argv)
-
-
-def start_two_ranks(argv: list[str], kill: str, step: int, timeout_s: float):
-    """Both ranks of a 2-rank fsdp run started here (run_world waits for every rank's result,
-    and the killed one never sends it); returns (the result queue, the two processes)."""
-    results, port = harness._ctx.Queue(), harness.free_port()
-    procs = [harness._ctx.Process(target=harness._entry, args=(
-        fsdp_worker, r, 2, port, results, (argv, kill, step), None, timeout_s)) for r in range(2)]
-    for p in procs:
-        p.start()
-    return results, procs
 
 
 def slow_rank0_worker(rank, world, delay_s: float) -> list[str]:
