@@ -298,8 +298,9 @@ CHOOSE_B = 4
 # its shards with dense scores): the filtered candidates, their global positions (int64), scores
 # (fp32), masks and the k-th-value pre-filter; plus, per slot of the layer and on every rank, the
 # part that does not shrink with W (each rank keeps up to k of its entries for the exact select).
-# Measured on CPU runs at 1-3 ranks: ~12 B and ~10 B
-UPDATE_B, UPDATE_RANK_B = 12, 10
+# Fitted to CPU runs at 1-3 ranks (tests/distributed/test_plan_measured.py): 14 B and 8 B
+UPDATE_B, UPDATE_RANK_B = 14, 8
+DENSE_UPDATE_B = 22  # the same scratch per element of the shard with dense window scores (fitted alike)
 # LoRA's trainable state per value (LoRA line): parameter, gradient and two fp32 Adam moments, the
 # parameter kept in fp32 (PEFT casts adapters to fp32 under autocast; DeepSpeed/FSDP keep fp32
 # masters of 16-bit ones)
@@ -473,8 +474,8 @@ def plan_memory(inp: PlanInput) -> MemoryPlan:
 
     # -- topology update: one decoder layer at a time (SeftMethod.layer_groups)
     if sf.window_scores == "dense":
-        upd = add("topology update scratch", "update", 2 * UPDATE_B * (n_shard // nl),
-                  f"Σ_layer targets numel/W · {2 * UPDATE_B} B")
+        upd = add("topology update scratch", "update", DENSE_UPDATE_B * (n_shard // nl),
+                  f"Σ_layer targets numel/W · {DENSE_UPDATE_B} B")
     else:
         k_layer = sum(caps)
         upd = add("topology update scratch", "update", UPDATE_B * (k_shard // nl) + UPDATE_RANK_B * k_layer,

@@ -83,8 +83,8 @@ def test_shards_and_slots_by_hand():
     assert fsdp.get("θ-edit bitmap (host memory)") == 2 * 6 / 8 and zero.get("θ-edit bitmap (host memory)") == 9 / 8
     # candidates: K/W = 3 grow candidates of 20 B; adapt max(K, 2·grown) = 12 of 16 B over 4 ranks
     assert fsdp.get("window scores (candidates)") == 3 * 20 + 3 * 16
-    # update: 12 B per candidate of the rank (3) + 10 B per slot of the layer (12) on every rank
-    assert zero.get("topology update scratch") == 12 * 3 + 10 * 12
+    # update: 14 B per candidate of the rank (3) + 8 B per slot of the layer (12) on every rank
+    assert zero.get("topology update scratch") == 14 * 3 + 8 * 12
     dense = plan_memory(PlanInput(shape=shape, seft=dataclasses.replace(seft, window_scores="dense"),
                                   world=4, backend="fsdp", dtype="float32"))
     assert dense.get("window scores (dense)") == 2 * 6 * 12

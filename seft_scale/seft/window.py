@@ -100,8 +100,9 @@ class CandidateWindow:
         d = self.d
         support = d.support()
         # a NaN G comes with a non-finite loss or gradient norm, which stops the run after this
-        # backward (train.py); scored 0 here, every rank still reaches that check in step
-        g = torch.nan_to_num(g, nan=0.0)
+        # backward (train.py); scored 0 here (in place: G is this window's own, freed after), every
+        # rank still reaches that check in step
+        torch.nan_to_num_(g, nan=0.0)
         if self.restricted:  # N:M or no reactivation: only support positions can grow
             pool = torch.nonzero(support).reshape(-1)
             sel = select_topk([g[pool].abs()], [pool + d.offset], [self.grow_k], True, self.allreduce)[0]
