@@ -13,6 +13,8 @@ process group, with torch.distributed, or with shards simulated in one process (
 """
 from __future__ import annotations
 
+import math
+
 from typing import Callable, Sequence
 
 import torch
@@ -143,19 +145,32 @@ def select_topk(
     return out
 
 
+# _local_bound on big shards: a bound from every SAMPLE_STRIDE-th score (a prime, so the sample
+# walks through the columns of a row-major matrix instead of repeating the same ones), aimed
+# SAMPLE_MARGIN above k; measured on CPU at 45M scores: 0.27 s instead of kthvalue's 1.2 s
+SAMPLE_MIN, SAMPLE_STRIDE, SAMPLE_MARGIN = 1 << 22, 61, 1.1
+
+
 def _local_bound(s: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
     """Indices of the local entries that can be among the global top-k: every score at least
-    this rank's k-th largest (ties included). An entry of the global top-k has fewer than k
-    entries above it anywhere, so fewer than k here: the radix select runs over at most about k
-    entries per rank instead of all of them, and chooses exactly as over all."""
+    this rank's k-th largest (ties included), or a superset of them. An entry of the global top-k
+    has fewer than k entries above it anywhere, so fewer than k here: the radix select runs over
+    about k entries per rank instead of all of them, and chooses exactly as over all. On big
+    shards the bound comes from a sample and is kept only if at least k entries pass it (then
+    they include the k-th largest and everything above it); otherwise the exact k-th value."""
     if k <= 0 or s.numel() <= k:
         return torch.arange(s.numel(), device=s.device) if k > 0 else s.new_zeros(0, dtype=torch.int64)
     f = s.detach().to(torch.float32)
-    if largest:
-        bound = torch.kthvalue(f, s.numel() - k + 1).values
-        return torch.nonzero(f >= bound).reshape(-1)
-    bound = torch.kthvalue(f, k).values
-    return torch.nonzero(f <= bound).reshape(-1)
+
+    def passing(values: torch.Tensor, j: int) -> torch.Tensor:  # at least the j-th best of `values`
+        bound = torch.kthvalue(values, len(values) - j + 1 if largest else j).values
+        return torch.nonzero(f >= bound if largest else f <= bound).reshape(-1)
+    if f.numel() >= SAMPLE_MIN:
+        sample = f[::SAMPLE_STRIDE].contiguous()
+        kept = passing(sample, min(len(sample), math.ceil(k / SAMPLE_STRIDE * SAMPLE_MARGIN) + 64))
+        if len(kept) >= k:
+            return kept
+    return passing(f, k)
 
 
 def rounds_needed_upper_bound() -> int:

@@ -1,5 +1,7 @@
 """Invariant: the selector picks exactly the k best (ties -> lower global position), identically
 for one shard and for the same data split into 2-4 shards."""
+import threading
+
 import pytest
 import torch
 
@@ -78,3 +80,56 @@ def test_empty_shard_and_k_zero():
     got = select_topk([torch.empty(0), torch.rand(5)], [torch.empty(0, dtype=torch.long),
                       torch.arange(5)], [3, 0])
     assert got[0].numel() == 0 and not got[1].any()
+
+
+def fast_reference(scores: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """The k best by (score, position) for big inputs: a stable sort of the scores."""
+    order = torch.sort(scores.double(), descending=largest, stable=True).indices
+    mask = torch.zeros(len(scores), dtype=torch.bool)
+    mask[order[:k]] = True
+    return mask
+
+
+def on_two_threads(scores: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """select_topk as two ranks run it (halves of `scores`, offsets as positions), the all-reduce
+    played by two threads summing into a shared buffer."""
+    half, buf, barrier, out = len(scores) // 2, {}, threading.Barrier(2), [None, None]
+    parts = [(0, scores[:half]), (half, scores[half:])]
+
+    def rank(r):
+        def allreduce(t):
+            buf[r] = t.clone()
+            barrier.wait()
+            total = buf[0] + buf[1]
+            barrier.wait()
+            return total
+        out[r] = select_topk([parts[r][1]], [parts[r][0]], [k], largest, allreduce)[0]
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("case", ["random", "ties", "sample_misleads"])
+def test_big_shards_bounded_from_a_sample_choose_exactly(largest, case):
+    """Above selection.SAMPLE_MIN the local bound comes from a strided sample; the choice stays
+    exact, at one and two ranks, also when the sample is unrepresentative (then the exact k-th
+    value bounds the shard)."""
+    from seft_scale.seft import selection
+    n, k = 2 * selection.SAMPLE_MIN + 12345, 3000
+    g = torch.Generator().manual_seed(7)
+    if case == "random":
+        scores = torch.rand(n, generator=g)
+    elif case == "ties":  # few distinct values: the bound passes many tied entries
+        scores = torch.randint(0, 50, (n,), generator=g).float()
+    else:  # only the sampled positions hold the best scores: a bound from them passes fewer than k
+        scores = torch.rand(n, generator=g) * 0.5 + 0.25
+        sampled = torch.arange(0, n, selection.SAMPLE_STRIDE)
+        best = torch.rand(len(sampled), generator=g) * 1e-3
+        scores[sampled] = 1.0 + best if largest else best
+    want = fast_reference(scores, k, largest)
+    assert torch.equal(select_topk([scores], [0], [k], largest)[0], want)
+    assert torch.equal(on_two_threads(scores, k, largest), want)
