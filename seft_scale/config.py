@@ -198,7 +198,8 @@ class SeftConfig:
     slot positions only, or dense through the full weight gradient; auto applies the cost rule."""
     gather_cost_ratio: float = 10.0
     """Cost of one sampled (SDDMM) multiply-add in matmul multiply-adds (cost rule: sddmm iff
-    K·ratio < d_in·d_out). launch/bench/bench_step.py measures it: ~10 on 2 AVX2 cores (2026-12)."""
+    K·ratio < d_in·d_out). launch/bench/bench_step.py measures it: 12-17 at Llama-2-7B's matrices
+    on 2 AVX2 cores (2026-12-01); 10 keeps every 7B matrix at r = 32 (n/K 26-93) on sddmm."""
     init_seed: int = 0
     """Seed of the initial slot placement (uniform over the support)."""
 
