@@ -61,7 +61,8 @@ class TextRows:
 def load_txt_rows(source, hf_cache_dir=None) -> TextRows:
     """A stand-in for seft_scale.data.sources.Source._load_local, .txt sources only."""
     if source.format != "txt":
-        raise NotImplementedError(f"{source.key}: the GPU tests read .txt data only, got {source.format}")
+        raise ValueError(f"{source.key}: the GPU tests read .txt data only (the device has no datasets "
+                         f"package), got {source.format}")
     return TextRows([f.read_text(encoding="utf-8") for f in source.files()])
 
 

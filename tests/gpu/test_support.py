@@ -72,7 +72,7 @@ def test_txt_rows_without_datasets_tokenise_like_datasets(txt_folder, tmp_path, 
 
 def test_txt_rows_refuse_other_formats(tmp_path):
     src = Source(str(tmp_path / "x.jsonl"), "json", "train", None, "data.train")
-    with pytest.raises(NotImplementedError, match="data.train"):
+    with pytest.raises(ValueError, match="data.train: the GPU tests read .txt data only"):
         load_txt_rows(src)
 
 
