@@ -465,7 +465,7 @@ def plan_memory(inp: PlanInput) -> MemoryPlan:
     # the dense G of a window's first micro-batch peaks at each layer's first target in backward
     # (down_proj): without checkpointing only its own input and output gradient are alive next to
     # the saved activations; with it the layer is recomputed first, its MLP gradients follow (measured)
-    # later window steps (candidates) sample G at every candidate in the slots' sddmm
+    # later window steps (candidates) sample G at every candidate by an sddmm beside the slots'
     sampled = max(kernel_scratch(r, c, k, sampled=k + max(k, 2 * _grow_bound(sf, k)))
                   for (_, r, c), k in zip(targets, caps)) if sf.window_scores == "candidates" else 0
     window_peak = max(acts_fwd + gw_fwd, acts + gw_bwd + max(

@@ -76,6 +76,7 @@ class SparseDelta:
         self.zeros = torch.empty(0, dtype=torch.int64, device=dev)  # global; see the module doc
         self.edited = Bitmap(base.numel())  # where θ differs from the starting model
         self.window = None  # selection-window scores (seft/window.py), in windows only
+        self._support_count: Optional[int] = None  # |M| on this shard, kept by the edits below
 
     @property
     def numel(self) -> int:
@@ -95,6 +96,14 @@ class SparseDelta:
         m[self.zeros - self.offset] = True
         return m
 
+    def support_count(self) -> int:
+        """|M| on this shard: counted once (init, resume), then kept up to date by add_slots,
+        remove_slots and prune, so a topology update needs no pass over the shard for it
+        (check_budget recounts and compares)."""
+        if self._support_count is None:
+            self._support_count = int(self.support().sum())
+        return self._support_count
+
     def in_support(self, idx: torch.Tensor) -> torch.Tensor:
         """Whether each local position of `idx` is in the support (no shard-sized transient)."""
         pos = idx + self.offset
@@ -110,6 +119,19 @@ class SparseDelta:
             w[hit] += self.values.detach()[at[hit]]
         return w
 
+    def strided(self, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(in support, W fp32) at local positions 0, stride, 2·stride, ...: O(K + n/stride),
+        the slots and zeros that fall on the sample found by their remainder, not by search."""
+        w = self.base.detach()[::stride].to(torch.float32, copy=True)  # never a view of θ
+        m = w != 0
+        idx = self.local_index()
+        on = idx % stride == 0
+        w[idx[on] // stride] += self.values.detach()[on]
+        m[idx[on] // stride] = True
+        z = self.zeros - self.offset
+        m[z[z % stride == 0] // stride] = True
+        return m, w
+
     def effective(self) -> torch.Tensor:
         """W = θ + S on this shard, fp32 (used for sensitivity scores and checks)."""
         w = self.base.detach().to(torch.float32).clone()
@@ -123,7 +145,9 @@ class SparseDelta:
         self.exp_avg, self.exp_avg_sq, self.age = exp_avg[order], exp_avg_sq[order], age[order]
 
     def keep_slots(self, keep: torch.Tensor) -> None:
-        """Remove every slot where `keep` is False (what is kept stays sorted)."""
+        """Remove every slot where `keep` is False (what is kept stays sorted). A freed slot on a
+        θ == 0 position that is not listed in `zeros` leaves the support: counted again."""
+        self._support_count = None
         self.pos = self.pos[keep]
         self.values = self.values.detach()[keep].requires_grad_(True)
         self.exp_avg, self.exp_avg_sq, self.age = self.exp_avg[keep], self.exp_avg_sq[keep], self.age[keep]
@@ -131,6 +155,8 @@ class SparseDelta:
     def add_slots(self, pos: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                   age: torch.Tensor) -> None:
         """New slots at `pos` (must be free), δ = 0, with the given optimizer state."""
+        if self._support_count is not None:
+            self._support_count += int((~self.in_support(pos - self.offset)).sum())
         self._set_slots(torch.cat([self.pos, pos]),
                         torch.cat([self.values.detach(), torch.zeros(len(pos), device=pos.device)]),
                         torch.cat([self.exp_avg, exp_avg]), torch.cat([self.exp_avg_sq, exp_avg_sq]),
@@ -148,16 +174,22 @@ class SparseDelta:
         gone = idx[self.base[idx] == 0] + self.offset
         if len(gone):
             self.zeros = torch.unique(torch.cat([self.zeros, gone]))
+        count = self._support_count  # every freed position stays in M (θ ≠ 0, or listed)
         self.keep_slots(~drop)
+        self._support_count = count
 
     @torch.no_grad()
     def prune(self, idx: torch.Tensor) -> None:
-        """Remove local positions `idx` from the support: θ = 0 there, slots there freed."""
+        """Remove local positions `idx` (unique) from the support: θ = 0 there, slots there freed."""
+        count = self._support_count
+        if count is not None:
+            count -= int(self.in_support(idx).sum())
         self.base[idx] = 0
         self.edited.set(idx)
         pos = torch.sort(idx + self.offset).values
         self.zeros = self.zeros[~member(pos, self.zeros)]
         self.keep_slots(~member(pos, self.pos))
+        self._support_count = count
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Everything needed to resume: slots, optimizer state, support exceptions, θ's edits
@@ -179,3 +211,4 @@ class SparseDelta:
         self.edited.clear()
         self.edited.set(idx)
         self.base[idx] = sd["edited_values"].to(self.base.dtype)
+        self._support_count = None

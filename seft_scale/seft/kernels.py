@@ -19,7 +19,7 @@ Llama-2-7B's matrices on two AVX2 cores; README's benchmark section has the figu
 
 In selection windows a `WindowTap` takes the gradient the window scores need: the dense G when it
 asks for it (dense window scores; candidates at the window's first micro-batch), else G sampled at
-the window's candidate positions in the same SDDMM as the slots.
+the window's candidate positions by a second SDDMM beside the slots' one.
 """
 from __future__ import annotations
 
@@ -139,12 +139,10 @@ class _LinearSparseDelta(torch.autograd.Function):
                 if tap is not None:
                     tap.add_dense(G)
                 del G
-            elif tap is not None:  # the slots and the window's candidates in one SDDMM
-                both, inv = torch.unique(torch.cat([pos, tap.positions().to(pos.device)]),
-                                         return_inverse=True)
-                sampled = sddmm(g2, x2, both, (d_out, d_in))
-                grad_full = sampled[inv[:len(pos)]]
-                tap.add_sampled(sampled[inv[len(pos):]])
+            elif tap is not None:  # the window's candidates sampled beside the slots: two SDDMMs,
+                # no per-backward union of the two position lists (a sort of ~3K positions)
+                grad_full = sddmm(g2, x2, pos, (d_out, d_in))
+                tap.add_sampled(sddmm(g2, x2, tap.positions().to(pos.device), (d_out, d_in)))
             else:
                 grad_full = sddmm(g2, x2, pos, (d_out, d_in))
             grad_values = ctx.slots.reduce(grad_full)

@@ -146,7 +146,7 @@ class SeftMethod:
         every = self.comm.gather_flat(mine, [len(mine)] * self.comm.world).view(self.comm.world, -1)
         for i, d in enumerate(self.deltas):
             self.slots[d.name].counts = every[:, i].tolist()
-        self._support = sum(int(d.support().sum()) for d in self.deltas)
+        self._support = sum(d.support_count() for d in self.deltas)
         self.backend.refresh([d.name for d in self.deltas])
 
     def _drop_fraction(self, update_step: int) -> float:

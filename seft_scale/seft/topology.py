@@ -137,7 +137,7 @@ def topology_update(deltas: Sequence[SparseDelta], drop_fraction: float, seed_fn
         local_stats.append([int(dr.sum()), len(grow_pos), reactivated])
 
     # ADAPT: prune the overshoot |M| - B by the smallest sensitivity |W·Σ G| (or magnitude |W|)
-    support_counts = _global([[int(d.support().sum())] for d in deltas], allreduce)[:, 0]
+    support_counts = _global([[d.support_count()] for d in deltas], allreduce)[:, 0]
     excess = [int(sc) - d.budget for sc, d in zip(support_counts, deltas)]
     for e, d in zip(excess, deltas):
         if e < 0 or (restricted and e > 0):
@@ -174,7 +174,8 @@ def topology_update(deltas: Sequence[SparseDelta], drop_fraction: float, seed_fn
 
 def check_budget(deltas: Sequence[SparseDelta], allreduce: Optional[Allreduce] = None,
                  nm: Optional[tuple[int, int]] = None) -> None:
-    """The exact-budget invariant: |M| == B and at most K slots; with N:M, no group of M
+    """The exact-budget invariant: |M| == B (recounted, and equal to the count each shard keeps)
+    and at most K slots; with N:M, no group of M
     consecutive inputs holds more than N support positions (groups lying wholly inside this
     shard; the N:M support never changes, and is checked whole at start). θ and the slots lie
     inside M by construction (M is derived from them, seft/delta.py)."""
@@ -182,9 +183,11 @@ def check_budget(deltas: Sequence[SparseDelta], allreduce: Optional[Allreduce] =
     for d in deltas:
         support = d.support()
         bad_groups = nm_shard_groups(support, d.offset, *nm)[0] if nm is not None else 0
-        rows.append([int(support.sum()), len(d.pos), bad_groups])
+        counted = int(support.sum())
+        rows.append([counted, len(d.pos), bad_groups, int(counted != d.support_count())])
     g = _global(rows, allreduce)
-    for d, (m, k, bg) in zip(deltas, g.tolist()):
-        if m != d.budget or k > d.capacity or bg:
+    for d, (m, k, bg, stale) in zip(deltas, g.tolist()):
+        if m != d.budget or k > d.capacity or bg or stale:
             raise AssertionError(f"{d.name}: support {m} (budget {d.budget}), {k} slots "
-                                 f"(K={d.capacity}), {bg} N:M groups over N")
+                                 f"(K={d.capacity}), {bg} N:M groups over N, {stale} ranks whose "
+                                 "kept support count differs from a recount")

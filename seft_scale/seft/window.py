@@ -14,7 +14,7 @@ Two ways to keep them (`seft.window_scores`):
   ranks by sensitivity, the max(K, 2·n_grow) support positions of smallest |W·G| — and sums G
   (and G²) over the window at those positions only. Memory O(K) per matrix instead of O(n), and
   only that first micro-batch needs the dense G: later window steps sample G at the candidates
-  in the slots' SDDMM (seft/kernels.py). The sizes guarantee enough: at least n_grow candidates
+  by an SDDMM beside the slots' (seft/kernels.py). The sizes guarantee enough: at least n_grow candidates
   without a remaining slot, and at least the overshoot after excluding the positions just grown.
   The candidates come from the first micro-batch, so runs that split a global batch into
   different micro-batches (ranks x accumulation) choose from different first micro-batches.
@@ -30,10 +30,18 @@ from typing import Optional
 
 import torch
 
-from seft_scale.seft.delta import SparseDelta
-from seft_scale.seft.selection import Allreduce, select_topk
+from seft_scale.seft.delta import SparseDelta, member
+from seft_scale.seft.selection import Allreduce, sample_stride, sampled_bound, select_topk
 
 WINDOW_SCORES = ("candidates", "dense")
+SCAN_BLOCK = 1 << 18  # positions per block of the candidate scan: its scores stay in cache
+
+
+def _reaches(scores: torch.Tensor, bound: Optional[float], largest: bool) -> torch.Tensor:
+    """Scores at least as good as `bound` (None: every score); never a NaN."""
+    if bound is None:
+        return scores == scores
+    return scores >= bound if largest else scores <= bound
 
 
 class DenseWindow:
@@ -96,30 +104,69 @@ class CandidateWindow:
 
     def _choose(self, g: torch.Tensor) -> None:
         """The candidate sets from the first micro-batch's G (every rank calls it for the same
-        matrix in the same backward, so the exact global top-k can all-reduce)."""
+        matrix in the same backward, so the exact global top-k can all-reduce). Both come from
+        one pass over the shard in cache-sized blocks that keeps only the scores reaching a bound
+        taken from a strided sample (seft/selection.py): G and θ are read from memory once and
+        nothing of the shard's size is allocated; the top-k over what passes is the top-k over
+        the whole shard. A NaN in G (it comes with a non-finite loss or gradient norm, which
+        stops the run after this backward, train.py) makes no candidate: no comparison passes it."""
         d = self.d
-        support = d.support()
-        # a NaN G comes with a non-finite loss or gradient norm, which stops the run after this
-        # backward (train.py); scored 0 here (in place: G is this window's own, freed after), every
-        # rank still reaches that check in step
-        torch.nan_to_num_(g, nan=0.0)
-        if self.restricted:  # N:M or no reactivation: only support positions can grow
-            pool = torch.nonzero(support).reshape(-1)
-            sel = select_topk([g[pool].abs()], [pool + d.offset], [self.grow_k], True, self.allreduce)[0]
-            self.grow_idx = pool[sel]
-        else:
-            sel = select_topk([g.abs()], [d.offset], [self.grow_k], True, self.allreduce)[0]
-            self.grow_idx = torch.nonzero(sel).reshape(-1)
-        if self.adapt_k > 0:  # scored over the whole shard, positions outside the support last
-            score = (d.effective() * g).abs_().masked_fill_(~support, float("inf"))
-            sel = select_topk([score], [d.offset], [self.adapt_k], False, self.allreduce)[0]
-            self.adapt_idx = torch.nonzero(sel & support).reshape(-1)
+        stride = sample_stride(d.length)
+        in_s, w_s = d.strided(stride)
+        g_s = g[::stride]
+        grow_s = (g_s if not self.restricted else g_s[in_s]).abs()
+        grow_b = sampled_bound(grow_s[grow_s == grow_s], self.grow_k, stride, largest=True)
+        adapt_b = None
+        if self.adapt_k > 0:  # sensitivity |W·G| on the support, W = θ + S
+            adapt_s = (w_s[in_s] * g_s[in_s]).abs_()
+            adapt_b = sampled_bound(adapt_s[adapt_s == adapt_s], self.adapt_k, stride, largest=False)
+        grow, adapt = self._scan(g, grow_b, adapt_b)
+        grow_missed = len(grow) < self.grow_k and grow_b is not None
+        adapt_missed = adapt is not None and len(adapt) < self.adapt_k and adapt_b is not None
+        if grow_missed or adapt_missed:  # the sample misled: scan again without that bound
+            grow, adapt = self._scan(g, None if grow_missed else grow_b, None if adapt_missed else adapt_b)
+        sel = select_topk([g[grow].abs()], [grow + d.offset], [self.grow_k], True, self.allreduce)[0]
+        self.grow_idx = grow[sel]
+        if adapt is not None:
+            score = (d.weights_at(adapt) * g[adapt]).abs_()
+            sel = select_topk([score], [adapt + d.offset], [self.adapt_k], False, self.allreduce)[0]
+            self.adapt_idx = adapt[sel]
         self.grow_sum = torch.zeros(len(self.grow_idx), dtype=torch.float32, device=g.device)
         self.grow_sumsq, self.grow_step = torch.zeros_like(self.grow_sum), torch.zeros_like(self.grow_sum)
         if self.adapt_idx is not None:
             self.adapt_sum = torch.zeros(len(self.adapt_idx), dtype=torch.float32, device=g.device)
             self.adapt_step = torch.zeros_like(self.adapt_sum)
         self._index_samples()
+
+    def _scan(self, g: torch.Tensor, grow_b: Optional[float],
+              adapt_b: Optional[float]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(grow, adapt) candidates as sorted local positions: positions with |G| >= grow_b
+        (support positions only if restricted) and support positions with |W·G| <= adapt_b
+        (None: no bound; adapt only with adapt_k > 0). The blocks score W as θ and the support
+        as θ ≠ 0; the exceptions, slot positions (W = θ + δ) and listed zeros, are scored apart."""
+        d = self.d
+        theta = d.base.detach()
+        grows, adapts = [], []
+        for lo in range(0, d.length, SCAN_BLOCK):
+            gb, t = g[lo:lo + SCAN_BLOCK], theta[lo:lo + SCAN_BLOCK].to(torch.float32)
+            a = gb.abs()
+            m = _reaches(a, grow_b, True)
+            if self.restricted:
+                m &= t != 0
+            grows.append(torch.nonzero(m).reshape(-1) + lo)
+            if self.adapt_k > 0:
+                m = _reaches(a.mul_(t.abs()), adapt_b, False) & (t != 0)  # |θ|·|G| == |θ·G|
+                adapts.append(torch.nonzero(m).reshape(-1) + lo)
+        apart = torch.unique(torch.cat([d.local_index(), d.zeros - d.offset]))
+        grow = torch.cat(grows) if grows else apart[:0]
+        if self.restricted:  # support positions with θ == 0
+            grow = torch.unique(torch.cat([grow, apart[_reaches(g[apart].abs(), grow_b, True)]]))
+        if self.adapt_k <= 0:
+            return grow, None
+        adapt = torch.cat(adapts) if adapts else apart[:0]
+        adapt = adapt[~member(apart, adapt)]
+        score = (d.weights_at(apart) * g[apart]).abs_()
+        return grow, torch.sort(torch.cat([adapt, apart[_reaches(score, adapt_b, False)]])).values
 
     def wants_dense(self) -> bool:
         return self.grow_idx is None  # choosing the candidates needs every position's G once

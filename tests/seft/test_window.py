@@ -1,0 +1,107 @@
+"""The candidate window's choice (seft/window.py): the block scan with a bound from a strided
+sample picks exactly what the exact top-k over the whole matrix picks (ties -> lower position),
+at 1-3 ranks, with slots on θ == 0 positions, listed zeros, NaN in G, heavy ties, and samples
+that mislead (then it scans again without the bound)."""
+import pytest
+import torch
+
+from seft_scale.seft import selection, window
+from seft_scale.seft.delta import SparseDelta
+from seft_scale.seft.selection import select_topk
+from seft_scale.seft.window import open_window
+from tests.helpers import ThreadGroup, shard_bounds
+
+SHAPE = (120, 200)
+N = SHAPE[0] * SHAPE[1]
+K = 300
+
+
+def problem(case: str, seed: int = 0):
+    """θ (half pruned), G, slot positions (some on θ == 0: reactivated) and listed zeros."""
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.randn(N, generator=g)
+    theta[torch.rand(N, generator=g) < 0.5] = 0
+    G = torch.randn(N, generator=g)
+    if case == "ties":  # few distinct values: the bounds pass many tied entries
+        G = torch.randint(-3, 4, (N,), generator=g).float()
+        theta[theta != 0] = torch.randint(1, 3, (int((theta != 0).sum()),), generator=g).float()
+    elif case == "misleading":  # every sampled position holds the best grow and adapt scores
+        at = torch.arange(0, N, selection.SAMPLE_STRIDE)
+        G[at] = 100.0 + torch.rand(len(at), generator=g)
+        theta[at] = 1e-6 * torch.rand(len(at), generator=g)
+    G[torch.randperm(N, generator=g)[:5]] = float("nan")
+    zero_pos = torch.nonzero(theta == 0).reshape(-1)
+    picks = zero_pos[torch.randperm(len(zero_pos), generator=g)[:40]]
+    reactivated, zeros = picks[:30], picks[30:]
+    on_support = torch.nonzero(theta).reshape(-1)
+    slots = torch.cat([on_support[torch.randperm(len(on_support), generator=g)[:K - 30]], reactivated])
+    values = torch.randn(K, generator=g)
+    return theta, G, torch.sort(slots).values, values, torch.sort(zeros).values
+
+
+def delta(theta, slots, values, zeros, a, b):
+    d = SparseDelta("w", SHAPE, a, theta[a:b].clone(), budget=int((theta != 0).sum()) + 40, capacity=K)
+    mine = (slots >= a) & (slots < b)
+    n = int(mine.sum())
+    d.add_slots(slots[mine], torch.zeros(n), torch.zeros(n), torch.zeros(n, dtype=torch.int32))
+    d.values = values[mine].clone().requires_grad_(True)  # slots are sorted
+    d.zeros = zeros[(zeros >= a) & (zeros < b)]
+    return d
+
+
+def reference(theta, G, slots, values, zeros, grow_k, adapt_k, restricted):
+    """Global positions chosen by the exact top-k over every position (one process); a NaN in
+    G makes no candidate."""
+    d = delta(theta, slots, values, zeros, 0, N)
+    ok = ~torch.isnan(G)
+    g = torch.nan_to_num(G, nan=0.0)
+    support = d.support()
+    pool = torch.nonzero(ok & (support if restricted else True)).reshape(-1)
+    grow = pool[select_topk([g[pool].abs()], [pool], [grow_k], True)[0]]
+    if adapt_k == 0:
+        return grow, None
+    score = (d.effective() * g).abs().masked_fill(~(support & ok), float("inf"))
+    return grow, torch.nonzero(select_topk([score], [0], [adapt_k], False)[0] & support & ok).reshape(-1)
+
+
+def chosen(theta, G, slots, values, zeros, world, n_grow, restricted):
+    def work(rank, allreduce):
+        a, b = shard_bounds(N, world, rank)
+        d = delta(theta, slots, values, zeros, a, b)
+        d.window = open_window(d, "candidates", n_grow, restricted, True, allreduce)
+        d.window.add(G[a:b].clone())
+        adapt = d.window.adapt_candidates()
+        assert torch.equal(d.base, theta[a:b])  # choosing reads θ, never writes it
+        return d.window.grow_candidates() + a, None if adapt is None else adapt + a
+    parts = ThreadGroup(world).run(work)
+    adapt = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
+    return torch.cat([p[0] for p in parts]), adapt
+
+
+@pytest.mark.parametrize("case", ["random", "ties", "misleading"])
+@pytest.mark.parametrize("restricted", [False, True])
+def test_block_scan_chooses_like_the_exact_top_k_over_every_position(monkeypatch, case, restricted):
+    monkeypatch.setattr(selection, "SAMPLE_MIN", 1024)  # sampled bounds at this size
+    monkeypatch.setattr(window, "SCAN_BLOCK", 1000)  # and many blocks, the last one short
+    theta, G, slots, values, zeros = problem(case)
+    n_grow = 200  # adapt keeps max(K, 2·n_grow) = 400 unless restricted
+    adapt_k = 0 if restricted else max(K, 2 * n_grow)
+    want = reference(theta, G, slots, values, zeros, K, adapt_k, restricted)
+    for world in (1, 2, 3):
+        got = chosen(theta, G, slots, values, zeros, world, n_grow, restricted)
+        assert torch.equal(got[0], want[0]), (world, "grow")
+        assert (got[1] is None) == (want[1] is None)
+        if want[1] is not None:
+            assert torch.equal(got[1], want[1]), (world, "adapt")
+
+
+def test_a_misleading_sample_is_caught(monkeypatch):
+    # the test above passes through the rescan: a bound from the sampled positions alone
+    # (G = 100 there) lets fewer than K grow candidates through
+    monkeypatch.setattr(selection, "SAMPLE_MIN", 1024)
+    theta, G, slots, values, zeros = problem("misleading")
+    d = delta(theta, slots, values, zeros, 0, N)
+    w = open_window(d, "candidates", 200, False, True, None)
+    sample = G[::selection.SAMPLE_STRIDE].abs()
+    bound = selection.sampled_bound(sample[~sample.isnan()], K, selection.SAMPLE_STRIDE, True)
+    assert len(w._scan(G, bound, None)[0]) < K
