@@ -175,10 +175,14 @@ class SeftConfig:
     window: int = 5
     """A: steps before each update whose gradients score grow and adapt (see window_scores)."""
     window_scores: Literal["candidates", "dense"] = "candidates"
-    """How the window's gradients are kept (seft/window.py). candidates: at the window's first
-    micro-batch each matrix keeps its K positions of largest |G| (grow) and max(K, 2·grown) support
-    positions of smallest |W·G| (adapt), and sums G over the window there: O(K) memory. dense: fp32
-    sums over the whole shard (12 B per weight while the window is open), the exact reference."""
+    """How the window's gradients are kept (seft/window.py). candidates: every slot (its G is its
+    δ-gradient) plus, chosen at the window's first micro-batch, window_candidates·grown non-slot
+    positions of largest |G| (grow) and max(window_candidates, 2)·grown support positions of
+    smallest |θ·G| (adapt), G summed over the window there: O(K) memory. dense: fp32 sums over
+    the whole shard (12 B per weight while the window is open), the exact reference."""
+    window_candidates: float = 2.0
+    """Non-slot grow candidates per slot the update grows (>= 1; adapt takes at least 2 per
+    grown slot, enough for any overshoot). Each later window step samples G at all of them."""
     drop_rate: float = 0.2
     """p0: fraction of the K slots dropped and regrown at the first update."""
     drop_schedule: Literal["cosine", "linear", "constant"] = "cosine"
@@ -210,6 +214,7 @@ class SeftConfig:
         _need(self.density is None or 0 < self.density <= 1, "seft.density", "must be in (0, 1]")
         _need(self.update_interval > 0, "seft.update_interval", "must be > 0")
         _need(0 < self.window <= self.update_interval, "seft.window", "must be in [1, update_interval]")
+        _need(self.window_candidates >= 1, "seft.window_candidates", "must be >= 1")
         _need(0 <= self.drop_rate <= 1, "seft.drop_rate", "must be in [0, 1]")
         _need(self.gather_cost_ratio > 0, "seft.gather_cost_ratio", "must be > 0")
         _need(len(self.targets) > 0, "seft.targets", "must name at least one module")

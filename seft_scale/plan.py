@@ -44,6 +44,8 @@ from seft_scale.errors import ConfigError
 from seft_scale.seft.budget import slot_capacity
 from seft_scale.seft.delta import SparseDelta
 from seft_scale.seft.kernels import SDDMM_BLOCK_BYTES, choose_kernel
+from seft_scale.seft.selection import sample_stride
+from seft_scale.seft.window import SCAN_BLOCK
 
 GIB = 1 << 30
 HEADROOM_GIB = 2.0  # CUDA context, cuBLAS workspaces, NCCL buffers
@@ -286,20 +288,23 @@ def _slot_layout() -> tuple[int, str]:
     return sum(t.element_size() for t in fields.values()), desc
 
 
-# Bytes per candidate of the window scores (seft/window.py CandidateWindow): grow keeps a local
-# index (int64), Σ G, Σ G² and the step's G (fp32); adapt a local index, Σ G and the step's G.
-GROW_CANDIDATE_B, ADAPT_CANDIDATE_B = 20, 16
+# Bytes per candidate of the window scores (seft/window.py CandidateWindow): each position of the
+# union keeps a local index (int64), Σ G, Σ G², the step's G (fp32) and its set bits; a slot also
+# where it sits in the union (int64), a non-slot candidate its sampled position and place (2 int64)
+CANDIDATE_B, SLOT_CANDIDATE_B, SAMPLED_CANDIDATE_B = 21, 8, 16
 DENSE_WINDOW_B = 12  # DenseWindow: Σ G, Σ G² and the step's G, fp32, per weight of the shard
-# Scratch of choosing candidates at the window's first micro-batch, per element of the shard (the
-# adapt choice, the larger: the support, W = θ + S, |W·G|, the k-th-value copy, the kept mask;
-# the radix select then runs over ~K kept entries only); measured ~4 B above the G it replaces
-CHOOSE_B = 4
-# Scratch of a topology update, one layer at a time, per candidate of the rank (per element of
-# its shards with dense scores): the filtered candidates, their global positions (int64), scores
-# (fp32), masks and the k-th-value pre-filter; plus, per slot of the layer and on every rank, the
-# part that does not shrink with W (each rank keeps up to k of its entries for the exact select).
-# Fitted to CPU runs at 1-3 ranks (tests/distributed/test_plan_measured.py): 14 B and 8 B
-UPDATE_B, UPDATE_RANK_B = 14, 8
+# Scratch of choosing candidates at the window's first micro-batch (seft/window.py), per element
+# of the strided sample (support mask, W, |G|, |W·G| and their filtered copies; every element of
+# shards below selection.SAMPLE_MIN) and of one scan block (|G|, |θ·G|, masks); the top-k then runs
+# over the ~K entries that pass. Fitted at stride 1 (tests/distributed/test_plan_measured.py)
+CHOOSE_B = 2.5
+# Scratch of a topology update, one layer at a time, per candidate of the rank (the slots and the
+# non-slot candidates; per element of its shards with dense scores): the filtered candidates,
+# their global positions (int64), scores (fp32), masks and the k-th-value pre-filter; plus, per
+# slot of the layer and on every rank, the part that does not shrink with W (each rank keeps up to
+# k of its entries for the exact select). Fitted to CPU runs at 1-3 ranks
+# (tests/distributed/test_plan_measured.py): 14 B and 5 B
+UPDATE_B, UPDATE_RANK_B = 14, 5
 DENSE_UPDATE_B = 22  # the same scratch per element of the shard with dense window scores (fitted alike)
 # LoRA's trainable state per value (LoRA line): parameter, gradient and two fp32 Adam moments, the
 # parameter kept in fp32 (PEFT casts adapters to fp32 under autocast; DeepSpeed/FSDP keep fp32
@@ -307,10 +312,20 @@ DENSE_UPDATE_B = 22  # the same scratch per element of the shard with dense wind
 LORA_B = 16
 
 
-def _grow_bound(seft: SeftConfig, k: int) -> int:
-    """Most slots one update grows in a matrix of K slots: K at a full first reselection, else the
-    drops (p0·K) plus refills of slots adapt freed (at most the previous update's drops)."""
-    return k if seft.initial_reselection else min(k, 2 * math.ceil(seft.drop_rate * k))
+def _grow_bound(seft: SeftConfig, k: int, n: int) -> int:
+    """Slots one update grows in a matrix of K slots and n weights: K at a full first reselection,
+    else the drops p0·K plus the refills of slots the previous adapt freed. Adapt prunes about as
+    many positions as were reactivated (at most the drops), and a share ~K/|M| of those hold a
+    slot; |M| taken as n/2 (measured at 1-3 ranks: tests/distributed/test_plan_measured.py)."""
+    return k if seft.initial_reselection else min(k, math.ceil(seft.drop_rate * k * (1 + 2 * k / n) - 1e-9))
+
+
+def _non_slot_candidates(seft: SeftConfig, k: int, n: int, nm) -> int:
+    """Non-slot candidates of a matrix's window (seft/window.py open_window): c·grown for grow,
+    max(c, 2)·grown for adapt when it ranks by sensitivity over a support that can grow."""
+    g, c = _grow_bound(seft, k, n), seft.window_candidates
+    adapt = seft.adapt_criterion == "sensitivity" and seft.reactivation and not nm
+    return math.ceil(c * g) + (math.ceil(max(c, 2.0) * g) if adapt else 0)
 
 
 def plan_memory(inp: PlanInput) -> MemoryPlan:
@@ -425,13 +440,15 @@ def plan_memory(inp: PlanInput) -> MemoryPlan:
     # the kernel, one matrix at a time: its gathered slots (W > 1) and, in backward, the sddmm's
     # CSR pattern, fp32 token blocks and δ-gradients, or the dense kernel's G
     def kernel_scratch(r: int, c: int, k: int, sampled: int = 0) -> int:
-        """One matrix's backward: gathered slots (W > 1) and the sddmm over k + sampled positions
-        (its CSR pattern, positions, values and fp32 token blocks) or the dense kernel's G."""
+        """One matrix's backward: gathered slots (W > 1) and the sddmm over k (then `sampled`)
+        positions (its CSR pattern, positions, values and fp32 token blocks) or the dense kernel's G."""
         kernel = sf.kernel if sf.kernel != "auto" else choose_kernel(k, r * c, sf.gather_cost_ratio)
         block = max(64, SDDMM_BLOCK_BYTES // (4 * max(r, c)))
         if kernel == "dense" and not sampled:
             return (12 * k if W > 1 else 0) + r * c * ec + 4 * k
-        return (12 * k if W > 1 else 0) + 32 * (k + sampled) + 4 * min(T, block) * (r + c) + 8 * r
+        # the window's candidates are a second sddmm after the slots' (whose 4 B·K result waits)
+        return (12 * k if W > 1 else 0) + 32 * max(k, sampled) + 4 * min(k, sampled) \
+            + 4 * min(T, block) * (r + c) + 8 * r
 
     bwd_scratch = max(kernel_scratch(r, c, k) for (_, r, c), k in zip(targets, caps))
     add("sparse-delta kernel scratch", "step", bwd_scratch,
@@ -446,27 +463,28 @@ def plan_memory(inp: PlanInput) -> MemoryPlan:
         scores = add("window scores (dense)", "window", n_shard * DENSE_WINDOW_B,
                      f"Σ_targets numel/W · {DENSE_WINDOW_B} B (fp32 Σ G, Σ G², step G)")
     else:
-        adapt = sf.adapt_criterion == "sensitivity" and sf.reactivation and not inp.nm
-        n_adapt = nl * sum(math.ceil(max(k, 2 * _grow_bound(sf, k)) / W) for k in caps) if adapt else 0
+        n_free = nl * sum(math.ceil(_non_slot_candidates(sf, k, r * c, inp.nm) / W)
+                         for (_, r, c), k in zip(targets, caps))
         scores = add("window scores (candidates)", "window",
-                     k_shard * GROW_CANDIDATE_B + n_adapt * ADAPT_CANDIDATE_B,
-                     f"K/W grow candidates · {GROW_CANDIDATE_B} B + max(K, 2·grown)/W adapt "
-                     f"candidates · {ADAPT_CANDIDATE_B} B")
+                     k_shard * (CANDIDATE_B + SLOT_CANDIDATE_B) + n_free * (CANDIDATE_B + SAMPLED_CANDIDATE_B),
+                     f"K/W slots · {CANDIDATE_B + SLOT_CANDIDATE_B} B + (c + max(c, 2))·grown/W non-slot "
+                     f"candidates · {CANDIDATE_B + SAMPLED_CANDIDATE_B} B (c = seft.window_candidates)")
     n_max = max(r * c for _, r, c in targets)
     shard_max = max(shard(r, c) for _, r, c in targets)
     # G's fp32 shard is a copy also at one fp32 rank (measured: the transposed product is copied)
     g_one = n_max * ec + shard_max * 4 \
         + (math.ceil(n_max / W) * W * 4 if W > 1 else 0)
     if sf.window_scores == "candidates":
-        g_one += shard_max * CHOOSE_B
+        g_one += CHOOSE_B * (math.ceil(shard_max / sample_stride(shard_max)) + min(shard_max, SCAN_BLOCK))
     add("one matrix's dense G", "window", g_one,
         "largest target: G in compute dtype, its fp32 shard, reduce-scatter chunks (W > 1)"
-        + (f", choosing candidates {CHOOSE_B} B per shard element" if sf.window_scores == "candidates" else ""))
+        + (f", choosing candidates {CHOOSE_B} B per element of the sample and of a scan block"
+           if sf.window_scores == "candidates" else ""))
     # the dense G of a window's first micro-batch peaks at each layer's first target in backward
     # (down_proj): without checkpointing only its own input and output gradient are alive next to
     # the saved activations; with it the layer is recomputed first, its MLP gradients follow (measured)
     # later window steps (candidates) sample G at every candidate by an sddmm beside the slots'
-    sampled = max(kernel_scratch(r, c, k, sampled=k + max(k, 2 * _grow_bound(sf, k)))
+    sampled = max(kernel_scratch(r, c, k, sampled=_non_slot_candidates(sf, k, r * c, inp.nm))
                   for (_, r, c), k in zip(targets, caps)) if sf.window_scores == "candidates" else 0
     window_peak = max(acts_fwd + gw_fwd, acts + gw_bwd + max(
         logits, recompute + g_one + (mlp_grads if inp.activation_checkpointing else 0),
@@ -478,8 +496,10 @@ def plan_memory(inp: PlanInput) -> MemoryPlan:
                   f"Σ_layer targets numel/W · {DENSE_UPDATE_B} B")
     else:
         k_layer = sum(caps)
-        upd = add("topology update scratch", "update", UPDATE_B * (k_shard // nl) + UPDATE_RANK_B * k_layer,
-                  f"Σ_layer K/W candidates · {UPDATE_B} B + Σ_layer K · {UPDATE_RANK_B} B")
+        cand_layer = sum(math.ceil((k + _non_slot_candidates(sf, k, r * c, inp.nm)) / W)
+                         for (_, r, c), k in zip(targets, caps))
+        upd = add("topology update scratch", "update", UPDATE_B * cand_layer + UPDATE_RANK_B * k_layer,
+                  f"Σ_layer (K + non-slot candidates)/W · {UPDATE_B} B + Σ_layer K · {UPDATE_RANK_B} B")
     if zero is not None:
         # refresh after θ edits: a target ZeRO holds gathered is all-gathered again from its
         # partitions; counted for the largest target, an upper bound (only targets ZeRO still holds

@@ -81,10 +81,11 @@ def test_shards_and_slots_by_hand():
     assert fsdp.get("SEFT slots + optimizer") == 3 * (8 + 4 * 4 + 4)
     # no mask: a bit per weight of θ's edits in host memory (2 rows of 6 at FSDP, 9 elements at ZeRO)
     assert fsdp.get("θ-edit bitmap (host memory)") == 2 * 6 / 8 and zero.get("θ-edit bitmap (host memory)") == 9 / 8
-    # candidates: K/W = 3 grow candidates of 20 B; adapt max(K, 2·grown) = 12 of 16 B over 4 ranks
-    assert fsdp.get("window scores (candidates)") == 3 * 20 + 3 * 16
-    # update: 14 B per candidate of the rank (3) + 8 B per slot of the layer (12) on every rank
-    assert zero.get("topology update scratch") == 14 * 3 + 8 * 12
+    # candidates: grown = ceil(0.2·12·(1 + 2·12/36)) = 4, so 2·4 grow + 2·4 adapt non-slot ones;
+    # per rank K/W = 3 slots of 21 + 8 B and 16/4 = 4 non-slot candidates of 21 + 16 B
+    assert fsdp.get("window scores (candidates)") == 3 * (21 + 8) + 4 * (21 + 16)
+    # update: 14 B per candidate of the rank ((12 + 16)/4 = 7) + 5 B per slot of the layer (12)
+    assert zero.get("topology update scratch") == 14 * 7 + 5 * 12
     dense = plan_memory(PlanInput(shape=shape, seft=dataclasses.replace(seft, window_scores="dense"),
                                   world=4, backend="fsdp", dtype="float32"))
     assert dense.get("window scores (dense)") == 2 * 6 * 12

@@ -26,8 +26,8 @@ def delta_tensors(deltas: Sequence[SparseDelta]) -> dict[str, torch.Tensor]:
 
 # arrays keyed by global position: the key holding the positions, then the arrays that follow it
 _BY_POSITION = {"pos": ("values", "exp_avg", "exp_avg_sq", "age"), "zeros": (),
-                "edited": ("edited_values",), "window.grow_pos": ("window.grow_sum", "window.grow_sumsq"),
-                "window.adapt_pos": ("window.adapt_sum",)}
+                "edited": ("edited_values",),
+                "window.cand_pos": ("window.cand_sum", "window.cand_sumsq", "window.cand_sets")}
 _BY_RANGE = ("window.sum", "window.sumsq")  # one value per position of the shard
 
 

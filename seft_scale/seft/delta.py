@@ -119,18 +119,20 @@ class SparseDelta:
             w[hit] += self.values.detach()[at[hit]]
         return w
 
-    def strided(self, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(in support, W fp32) at local positions 0, stride, 2·stride, ...: O(K + n/stride),
-        the slots and zeros that fall on the sample found by their remainder, not by search."""
+    def strided(self, stride: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(in support, W fp32, holds a slot) at local positions 0, stride, 2·stride, ...:
+        O(K + n/stride), the slots and zeros on the sample found by their remainder, not by search."""
         w = self.base.detach()[::stride].to(torch.float32, copy=True)  # never a view of θ
         m = w != 0
+        slot = torch.zeros_like(m)
         idx = self.local_index()
         on = idx % stride == 0
         w[idx[on] // stride] += self.values.detach()[on]
         m[idx[on] // stride] = True
+        slot[idx[on] // stride] = True
         z = self.zeros - self.offset
         m[z[z % stride == 0] // stride] = True
-        return m, w
+        return m, w, slot
 
     def effective(self) -> torch.Tensor:
         """W = θ + S on this shard, fp32 (used for sensitivity scores and checks)."""

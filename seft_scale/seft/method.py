@@ -162,7 +162,8 @@ class SeftMethod:
         for d, ng in zip(self.deltas, n_grow):
             if d.window is None:
                 d.window = open_window(d, s.window_scores, ng, self.restricted,
-                                       s.adapt_criterion == "sensitivity", self.comm.allreduce)
+                                       s.adapt_criterion == "sensitivity", self.comm.allreduce,
+                                       s.window_candidates)
                 saved = self._saved_windows.pop(d.name, None)
                 if saved:  # resumed inside this window
                     d.window.load_state_dict(saved)
@@ -207,7 +208,7 @@ class SeftMethod:
             return rec
         if in_window(step, s.update_interval, s.window, t.steps):
             for d in self.deltas:  # the step's G on the clipped scale of the δ-gradients
-                d.window.end_step(scale)
+                d.window.end_step(scale, d.values.grad)
         self.opt.step(self.deltas, lr)
         if is_update_step(step, s.update_interval, t.steps):
             self.set_capture(False)

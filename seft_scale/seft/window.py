@@ -26,6 +26,7 @@ same positions at any world size.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -60,7 +61,8 @@ class DenseWindow:
         """One micro-batch's G over the shard (fp32, summed over ranks)."""
         self.step.add_(g)
 
-    def end_step(self, scale: float) -> None:
+    def end_step(self, scale: float, slot_grad: Optional[torch.Tensor] = None) -> None:
+        """The step's G times `scale` (the dense G holds the slots' too: slot_grad unused)."""
         self.step.mul_(scale)
         self.sum.add_(self.step)
         self.sumsq.addcmul_(self.step, self.step)
@@ -92,58 +94,63 @@ class DenseWindow:
 
 
 class CandidateWindow:
-    """Sums at bounded candidate sets, chosen at the window's first micro-batch."""
+    """Sums at bounded candidate sets: every slot, plus non-slot positions chosen at the window's
+    first micro-batch. Arrays over the candidates' union `pos` (sorted local positions)."""
+
+    GROW, ADAPT = 1, 2  # bits of `sets`: which candidate sets a position belongs to
 
     def __init__(self, d: SparseDelta, grow_k: int, adapt_k: int, restricted: bool,
-                 allreduce: Optional[Allreduce]):
+                 sensitivity: bool, allreduce: Optional[Allreduce]):
         self.d, self.grow_k, self.adapt_k = d, grow_k, adapt_k
-        self.restricted, self.allreduce = restricted, allreduce
-        self.grow_idx: Optional[torch.Tensor] = None  # local positions, sorted
-        self.adapt_idx: Optional[torch.Tensor] = None
+        self.restricted, self.sensitivity, self.allreduce = restricted, sensitivity, allreduce
+        self.pos: Optional[torch.Tensor] = None  # local positions, sorted; None until chosen
         self.steps = 0
 
     def _choose(self, g: torch.Tensor) -> None:
-        """The candidate sets from the first micro-batch's G (every rank calls it for the same
-        matrix in the same backward, so the exact global top-k can all-reduce). Both come from
-        one pass over the shard in cache-sized blocks that keeps only the scores reaching a bound
-        taken from a strided sample (seft/selection.py): G and θ are read from memory once and
-        nothing of the shard's size is allocated; the top-k over what passes is the top-k over
-        the whole shard. A NaN in G (it comes with a non-finite loss or gradient norm, which
-        stops the run after this backward, train.py) makes no candidate: no comparison passes it."""
+        """The non-slot candidates from the first micro-batch's G (every rank calls it for the
+        same matrix in the same backward, so the exact global top-k can all-reduce): the grow_k
+        of largest |G| (inside the support if restricted) and the adapt_k support positions of
+        smallest |θ·G|. Both come from one pass over the shard in cache-sized blocks that keeps
+        only the scores reaching a bound taken from a strided sample (seft/selection.py): G and
+        θ are read from memory once and nothing of the shard's size is allocated; the top-k over
+        what passes is the top-k over the whole shard. A NaN in G (it comes with a non-finite
+        loss or gradient norm, which stops the run after this backward, train.py) makes no
+        candidate: no comparison passes it."""
         d = self.d
         stride = sample_stride(d.length)
-        in_s, w_s = d.strided(stride)
+        in_s, w_s, slot_s = d.strided(stride)
         g_s = g[::stride]
-        grow_s = (g_s if not self.restricted else g_s[in_s]).abs()
-        grow_b = sampled_bound(grow_s[grow_s == grow_s], self.grow_k, stride, largest=True)
+        free = ~slot_s & in_s if self.restricted else ~slot_s
+        grow_s = g_s[free].abs()
+        grow_b = sampled_bound(grow_s[grow_s == grow_s], self.grow_k, stride, largest=True) \
+            if self.grow_k > 0 else math.inf  # nothing to grow: (almost) nothing passes
         adapt_b = None
-        if self.adapt_k > 0:  # sensitivity |W·G| on the support, W = θ + S
-            adapt_s = (w_s[in_s] * g_s[in_s]).abs_()
+        if self.adapt_k > 0:
+            free = ~slot_s & in_s
+            adapt_s = (w_s[free] * g_s[free]).abs_()
             adapt_b = sampled_bound(adapt_s[adapt_s == adapt_s], self.adapt_k, stride, largest=False)
         grow, adapt = self._scan(g, grow_b, adapt_b)
         grow_missed = len(grow) < self.grow_k and grow_b is not None
-        adapt_missed = adapt is not None and len(adapt) < self.adapt_k and adapt_b is not None
+        adapt_missed = len(adapt) < self.adapt_k and adapt_b is not None
         if grow_missed or adapt_missed:  # the sample misled: scan again without that bound
             grow, adapt = self._scan(g, None if grow_missed else grow_b, None if adapt_missed else adapt_b)
-        sel = select_topk([g[grow].abs()], [grow + d.offset], [self.grow_k], True, self.allreduce)[0]
-        self.grow_idx = grow[sel]
-        if adapt is not None:
-            score = (d.weights_at(adapt) * g[adapt]).abs_()
-            sel = select_topk([score], [adapt + d.offset], [self.adapt_k], False, self.allreduce)[0]
-            self.adapt_idx = adapt[sel]
-        self.grow_sum = torch.zeros(len(self.grow_idx), dtype=torch.float32, device=g.device)
-        self.grow_sumsq, self.grow_step = torch.zeros_like(self.grow_sum), torch.zeros_like(self.grow_sum)
-        if self.adapt_idx is not None:
-            self.adapt_sum = torch.zeros(len(self.adapt_idx), dtype=torch.float32, device=g.device)
-            self.adapt_step = torch.zeros_like(self.adapt_sum)
+        grow = grow[select_topk([g[grow].abs()], [grow + d.offset], [self.grow_k], True, self.allreduce)[0]]
+        score = (d.base.detach()[adapt].to(torch.float32) * g[adapt]).abs_()  # W = θ off the slots
+        adapt = adapt[select_topk([score], [adapt + d.offset], [self.adapt_k], False, self.allreduce)[0]]
+        slots = d.local_index()
+        self.pos = torch.unique(torch.cat([slots, grow, adapt]))
+        self.sets = (member(torch.sort(torch.cat([slots, grow])).values, self.pos).to(torch.uint8) * self.GROW
+                     | member(torch.sort(torch.cat([slots, adapt])).values, self.pos).to(torch.uint8) * self.ADAPT)
+        self.sum = torch.zeros(len(self.pos), dtype=torch.float32, device=g.device)
+        self.sumsq, self.step = torch.zeros_like(self.sum), torch.zeros_like(self.sum)
         self._index_samples()
 
     def _scan(self, g: torch.Tensor, grow_b: Optional[float],
-              adapt_b: Optional[float]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(grow, adapt) candidates as sorted local positions: positions with |G| >= grow_b
-        (support positions only if restricted) and support positions with |W·G| <= adapt_b
-        (None: no bound; adapt only with adapt_k > 0). The blocks score W as θ and the support
-        as θ ≠ 0; the exceptions, slot positions (W = θ + δ) and listed zeros, are scored apart."""
+              adapt_b: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Non-slot positions, sorted local: with |G| >= grow_b (in the support if restricted),
+        and in the support with |θ·G| <= adapt_b (only if adapt_k > 0); None: no bound. The
+        blocks take the support as θ ≠ 0; the listed zeros (θ == 0 in the support) are added
+        apart, the slot positions taken out: K-sized."""
         d = self.d
         theta = d.base.detach()
         grows, adapts = [], []
@@ -157,105 +164,102 @@ class CandidateWindow:
             if self.adapt_k > 0:
                 m = _reaches(a.mul_(t.abs()), adapt_b, False) & (t != 0)  # |θ|·|G| == |θ·G|
                 adapts.append(torch.nonzero(m).reshape(-1) + lo)
-        apart = torch.unique(torch.cat([d.local_index(), d.zeros - d.offset]))
-        grow = torch.cat(grows) if grows else apart[:0]
-        if self.restricted:  # support positions with θ == 0
-            grow = torch.unique(torch.cat([grow, apart[_reaches(g[apart].abs(), grow_b, True)]]))
-        if self.adapt_k <= 0:
-            return grow, None
-        adapt = torch.cat(adapts) if adapts else apart[:0]
-        adapt = adapt[~member(apart, adapt)]
-        score = (d.weights_at(apart) * g[apart]).abs_()
-        return grow, torch.sort(torch.cat([adapt, apart[_reaches(score, adapt_b, False)]])).values
+        slots = d.local_index()
+        zeros = d.zeros - d.offset
+        zeros = zeros[~member(slots, zeros)]  # listed zeros without a slot: W = 0 there
+        grow = torch.cat(grows) if grows else slots[:0]
+        if self.restricted:
+            grow = torch.unique(torch.cat([grow, zeros[_reaches(g[zeros].abs(), grow_b, True)]]))
+        grow = grow[~member(slots, grow)]
+        adapt = torch.cat(adapts) if adapts else slots[:0]
+        if self.adapt_k > 0:
+            adapt = adapt[~member(slots, adapt)]
+            adapt = torch.sort(torch.cat([adapt, zeros[_reaches((0.0 * g[zeros]).abs_(), adapt_b, False)]])).values
+        return grow, adapt
 
     def wants_dense(self) -> bool:
-        return self.grow_idx is None  # choosing the candidates needs every position's G once
+        return self.pos is None  # choosing the candidates needs every position's G once
+
+    def _index_samples(self) -> None:
+        """The positions the kernel samples (the non-slot candidates) and where they and the
+        slots sit in `pos` (the slots do not move while a window is open)."""
+        self.slot_at = torch.searchsorted(self.pos, self.d.local_index())
+        free = torch.ones(len(self.pos), dtype=torch.bool, device=self.pos.device)
+        free[self.slot_at] = False
+        self.sampled_at = torch.nonzero(free).reshape(-1)
+        self.sampled = self.pos[self.sampled_at]
 
     def add(self, g: torch.Tensor) -> None:
         """One micro-batch's G over the whole shard (fp32, summed over ranks)."""
-        if self.grow_idx is None:
+        if self.pos is None:
             self._choose(g)
-        self.grow_step += g[self.grow_idx]
-        if self.adapt_idx is not None:
-            self.adapt_step += g[self.adapt_idx]
+        self.step[self.sampled_at] += g[self.sampled]
 
     def sample_positions(self) -> torch.Tensor:
-        """This shard's candidates (grow ∪ adapt) as sorted local positions."""
+        """This shard's non-slot candidates as sorted local positions (the slots' G is their
+        δ-gradient, `end_step`)."""
         return self.sampled
 
     def add_sampled(self, v: torch.Tensor) -> None:
         """One micro-batch's G at `sample_positions()` (fp32, summed over ranks)."""
-        self.grow_step += v[self.grow_at]
-        if self.adapt_idx is not None:
-            self.adapt_step += v[self.adapt_at]
+        self.step[self.sampled_at] += v
 
-    def _index_samples(self) -> None:
-        """The sampled positions (grow ∪ adapt) and where each set sits in them."""
-        both = self.grow_idx if self.adapt_idx is None else torch.cat([self.grow_idx, self.adapt_idx])
-        self.sampled = torch.unique(both)
-        self.grow_at = torch.searchsorted(self.sampled, self.grow_idx)
-        if self.adapt_idx is not None:
-            self.adapt_at = torch.searchsorted(self.sampled, self.adapt_idx)
-
-    def end_step(self, scale: float) -> None:
-        if self.grow_idx is None:  # a window step without a backward through this matrix
+    def end_step(self, scale: float, slot_grad: Optional[torch.Tensor] = None) -> None:
+        """The step's G times `scale`; at the slots `slot_grad`, this shard's δ-gradients (the
+        step's G there, already clipped by `scale`)."""
+        if self.pos is None:  # a window step without a backward through this matrix
             return
-        self.grow_step.mul_(scale)
-        self.grow_sum += self.grow_step
-        self.grow_sumsq.addcmul_(self.grow_step, self.grow_step)
-        self.grow_step.zero_()
-        if self.adapt_idx is not None:
-            self.adapt_sum.add_(self.adapt_step, alpha=scale)
-            self.adapt_step.zero_()
+        self.step.mul_(scale)
+        if slot_grad is not None:
+            self.step[self.slot_at] += slot_grad.to(torch.float32)
+        self.sum += self.step
+        self.sumsq.addcmul_(self.step, self.step)
+        self.step.zero_()
         self.steps += 1
 
     def grow_candidates(self) -> torch.Tensor:
-        return self.grow_idx
+        return self.pos[(self.sets & self.GROW) != 0]
 
     def adapt_candidates(self) -> Optional[torch.Tensor]:
-        return self.adapt_idx
+        return self.pos[(self.sets & self.ADAPT) != 0] if self.sensitivity else None
 
     def grad_sum(self, idx: torch.Tensor, adapt: bool = False) -> torch.Tensor:
-        """Σ G at local positions `idx`, which must be candidates of the set asked for."""
-        cand, total = (self.adapt_idx, self.adapt_sum) if adapt else (self.grow_idx, self.grow_sum)
-        return total[torch.searchsorted(cand, idx)]
+        """Σ G at local positions `idx`, which must be candidates."""
+        return self.sum[torch.searchsorted(self.pos, idx)]
 
     def seed_stats(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        at = torch.searchsorted(self.grow_idx, idx)
+        at = torch.searchsorted(self.pos, idx)
         n = max(self.steps, 1)
-        return self.grow_sum[at] / n, self.grow_sumsq[at] / n
+        return self.sum[at] / n, self.sumsq[at] / n
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        if self.grow_idx is None:
+        if self.pos is None:
             return {"steps": torch.tensor([self.steps])}
-        out = {"grow_pos": self.grow_idx + self.d.offset, "grow_sum": self.grow_sum,
-               "grow_sumsq": self.grow_sumsq, "steps": torch.tensor([self.steps])}
-        if self.adapt_idx is not None:
-            out.update(adapt_pos=self.adapt_idx + self.d.offset, adapt_sum=self.adapt_sum)
-        return out
+        return {"cand_pos": self.pos + self.d.offset, "cand_sum": self.sum, "cand_sumsq": self.sumsq,
+                "cand_sets": self.sets, "steps": torch.tensor([self.steps])}
 
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        """This shard's part of a saved window (positions already cut to its range)."""
+        """This shard's part of a saved window (positions already cut to its range; the slots
+        already loaded)."""
         self.steps = int(sd["steps"][0])
-        if "grow_pos" not in sd:
+        if "cand_pos" not in sd:
             return
         dev = self.d.base.device
-        self.grow_idx = sd["grow_pos"].to(dev) - self.d.offset
-        self.grow_sum, self.grow_sumsq = sd["grow_sum"].to(dev), sd["grow_sumsq"].to(dev)
-        self.grow_step = torch.zeros_like(self.grow_sum)
-        if "adapt_pos" in sd:
-            self.adapt_idx = sd["adapt_pos"].to(dev) - self.d.offset
-            self.adapt_sum = sd["adapt_sum"].to(dev)
-            self.adapt_step = torch.zeros_like(self.adapt_sum)
+        self.pos = sd["cand_pos"].to(dev) - self.d.offset
+        self.sum, self.sumsq = sd["cand_sum"].to(dev), sd["cand_sumsq"].to(dev)
+        self.sets = sd["cand_sets"].to(dev)
+        self.step = torch.zeros_like(self.sum)
         self._index_samples()
 
 
 def open_window(d: SparseDelta, kind: str, n_grow: int, restricted: bool, sensitivity: bool,
-                allreduce: Optional[Allreduce]):
-    """The window scores of one matrix for an update that grows `n_grow` slots."""
+                allreduce: Optional[Allreduce], per_grown: float = 2.0):
+    """The window scores of one matrix for an update that grows `n_grow` slots; `per_grown`
+    non-slot candidates per grown slot (seft.window_candidates)."""
     if kind == "dense":
         return DenseWindow(d)
     if kind != "candidates":
         raise ValueError(f"window scores must be one of {WINDOW_SCORES}, got {kind!r}")
-    adapt_k = max(d.capacity, 2 * n_grow) if sensitivity and not restricted else 0
-    return CandidateWindow(d, d.capacity, adapt_k, restricted, allreduce)
+    grow_k = math.ceil(per_grown * n_grow)
+    adapt_k = math.ceil(max(per_grown, 2.0) * n_grow) if sensitivity and not restricted else 0
+    return CandidateWindow(d, grow_k, adapt_k, restricted, sensitivity, allreduce)

@@ -15,7 +15,9 @@ slots + optimizer + mask, the G accumulator, and the peak of a training step, of
 step and of a topology update, each above the resident state. Seen (plan vs measured): resident
 state within 1 %; phase peaks within 5 %, except the FSDP window step, measured ~5 % above the plan
 at its peak, FSDP's backward-prefetch all-gather; we attribute that to gloo's all-gather staging
-the output in a flat copy, which NCCL does not make.
+the output in a flat copy, which NCCL does not make. With activation checkpointing the FSDP window
+step is ~11 % below the plan (checked as an upper bound within 15 %); the ZeRO-3 update is checked
+as an upper bound too (the plan's refresh line re-gathers the largest target).
 """
 from __future__ import annotations
 
@@ -122,8 +124,7 @@ def measure_worker(rank, world, backend_name, model_dir, dtype="float32", zero=N
 
 def window_tensors(window):
     """The tensors a window's scores keep (seft/window.py)."""
-    names = ("sum", "sumsq", "step", "grow_idx", "grow_sum", "grow_sumsq", "grow_step", "adapt_idx",
-             "adapt_sum", "adapt_step")
+    names = ("sum", "sumsq", "step", "pos", "sets", "slot_at", "sampled_at", "sampled")
     return [t for t in (getattr(window, n, None) for n in names) if isinstance(t, torch.Tensor)]
 
 
@@ -194,7 +195,13 @@ def test_formula_within_10_percent_of_measured(model_dir, backend, world, dtype,
             msg = f"rank {rank}: {key} measured {got[key] / 1e6:.3f} MB, planned {planned_bytes / 1e6:.3f} MB"
             if backend == "zero3" and key == "update":
                 # an upper bound: the plan counts re-gathering the largest target after the θ
-                # edits, which happens only if ZeRO holds it gathered then (measured 0.6-0.7 of it)
-                assert got[key] <= planned_bytes * 1.10 and planned_bytes <= got[key] * 1.40, msg
+                # edits, which happens only if ZeRO holds it gathered then; without that line the
+                # plan must still cover the update's own scratch
+                refresh = plan.get("ZeRO-3 refresh of a gathered target")
+                assert planned_bytes - refresh <= got[key] * 1.10 and got[key] <= planned_bytes * 1.10, msg
+            elif backend == "fsdp" and checkpointing and key == "window":
+                # the plan counts the recomputed layer's MLP gradients beside the window's dense G;
+                # at FSDP W=2 they are measured not to coexist: the plan is ~11 % above, on the safe side
+                assert got[key] <= planned_bytes * 1.10 and planned_bytes <= got[key] * 1.15, msg
             else:
                 assert got[key] == pytest.approx(planned_bytes, rel=0.10, abs=1024), msg

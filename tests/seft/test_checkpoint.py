@@ -17,7 +17,7 @@ CAPACITY = 9
 OPT = SlotAdamW(1e-2)
 FIELDS = ("base", "support", "edited", "zeros", "pos", "values", "exp_avg", "exp_avg_sq", "age")
 WINDOW = {"dense": ("sum", "sumsq"),
-          "candidates": ("grow_pos", "grow_sum", "grow_sumsq", "adapt_pos", "adapt_sum")}
+          "candidates": ("cand_pos", "cand_sum", "cand_sumsq", "cand_sets")}
 
 
 def starting_weights() -> dict[str, torch.Tensor]:

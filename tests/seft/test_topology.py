@@ -48,7 +48,7 @@ def window_of(d, G, kind="dense", n_grow=0, restricted=False, sensitivity=True, 
     """d.window fed with one step whose G over the whole matrix is `G`."""
     d.window = open_window(d, kind, n_grow, restricted, sensitivity, allreduce)
     d.window.add(G[d.offset:d.offset + d.length].clone())
-    d.window.end_step(1.0)
+    d.window.end_step(1.0, G[d.pos])  # the slots' δ-gradients: the step's G there
 
 
 def evolve(probs, world, updates=3, nm=None, kind="dense", reactivation=True, **kw):

@@ -1,12 +1,12 @@
-"""The candidate window's choice (seft/window.py): the block scan with a bound from a strided
-sample picks exactly what the exact top-k over the whole matrix picks (ties -> lower position),
-at 1-3 ranks, with slots on θ == 0 positions, listed zeros, NaN in G, heavy ties, and samples
-that mislead (then it scans again without the bound)."""
+"""The candidate window (seft/window.py): the block scan with a bound from a strided sample picks
+exactly what the exact top-k over the whole matrix picks (ties -> lower position), at 1-3 ranks,
+with slots on θ == 0 positions, listed zeros, NaN in G, heavy ties, and samples that mislead
+(then it scans again without the bound); its sums take the slots' G from their δ-gradients."""
 import pytest
 import torch
 
 from seft_scale.seft import selection, window
-from seft_scale.seft.delta import SparseDelta
+from seft_scale.seft.delta import SparseDelta, member
 from seft_scale.seft.selection import select_topk
 from seft_scale.seft.window import open_window
 from tests.helpers import ThreadGroup, shard_bounds
@@ -49,19 +49,23 @@ def delta(theta, slots, values, zeros, a, b):
     return d
 
 
-def reference(theta, G, slots, values, zeros, grow_k, adapt_k, restricted):
-    """Global positions chosen by the exact top-k over every position (one process); a NaN in
-    G makes no candidate."""
+def reference(theta, G, slots, values, zeros, n_grow, restricted):
+    """Local = global positions of the candidate sets, by the exact top-k over every position
+    (one process): the slots, plus 2·n_grow non-slot positions of largest |G| (in the support if
+    restricted) and, unless restricted, 2·n_grow non-slot support positions of smallest |θ·G|.
+    A NaN in G makes no candidate."""
     d = delta(theta, slots, values, zeros, 0, N)
-    ok = ~torch.isnan(G)
     g = torch.nan_to_num(G, nan=0.0)
     support = d.support()
-    pool = torch.nonzero(ok & (support if restricted else True)).reshape(-1)
-    grow = pool[select_topk([g[pool].abs()], [pool], [grow_k], True)[0]]
-    if adapt_k == 0:
-        return grow, None
-    score = (d.effective() * g).abs().masked_fill(~(support & ok), float("inf"))
-    return grow, torch.nonzero(select_topk([score], [0], [adapt_k], False)[0] & support & ok).reshape(-1)
+    free = ~torch.isnan(G)
+    free[slots] = False
+    pool = torch.nonzero(free & support if restricted else free).reshape(-1)
+    grow = pool[select_topk([g[pool].abs()], [pool], [2 * n_grow], True)[0]]
+    if restricted:
+        return torch.sort(torch.cat([slots, grow])).values, slots
+    pool = torch.nonzero(free & support).reshape(-1)
+    adapt = pool[select_topk([(theta[pool] * g[pool]).abs()], [pool], [2 * n_grow], False)[0]]
+    return torch.sort(torch.cat([slots, grow])).values, torch.sort(torch.cat([slots, adapt])).values
 
 
 def chosen(theta, G, slots, values, zeros, world, n_grow, restricted):
@@ -70,12 +74,10 @@ def chosen(theta, G, slots, values, zeros, world, n_grow, restricted):
         d = delta(theta, slots, values, zeros, a, b)
         d.window = open_window(d, "candidates", n_grow, restricted, True, allreduce)
         d.window.add(G[a:b].clone())
-        adapt = d.window.adapt_candidates()
         assert torch.equal(d.base, theta[a:b])  # choosing reads θ, never writes it
-        return d.window.grow_candidates() + a, None if adapt is None else adapt + a
+        return d.window.grow_candidates() + a, d.window.adapt_candidates() + a
     parts = ThreadGroup(world).run(work)
-    adapt = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
-    return torch.cat([p[0] for p in parts]), adapt
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 @pytest.mark.parametrize("case", ["random", "ties", "misleading"])
@@ -84,24 +86,38 @@ def test_block_scan_chooses_like_the_exact_top_k_over_every_position(monkeypatch
     monkeypatch.setattr(selection, "SAMPLE_MIN", 1024)  # sampled bounds at this size
     monkeypatch.setattr(window, "SCAN_BLOCK", 1000)  # and many blocks, the last one short
     theta, G, slots, values, zeros = problem(case)
-    n_grow = 200  # adapt keeps max(K, 2·n_grow) = 400 unless restricted
-    adapt_k = 0 if restricted else max(K, 2 * n_grow)
-    want = reference(theta, G, slots, values, zeros, K, adapt_k, restricted)
+    n_grow = 200
+    want = reference(theta, G, slots, values, zeros, n_grow, restricted)
     for world in (1, 2, 3):
         got = chosen(theta, G, slots, values, zeros, world, n_grow, restricted)
         assert torch.equal(got[0], want[0]), (world, "grow")
-        assert (got[1] is None) == (want[1] is None)
-        if want[1] is not None:
-            assert torch.equal(got[1], want[1]), (world, "adapt")
+        assert torch.equal(got[1], want[1]), (world, "adapt")
 
 
 def test_a_misleading_sample_is_caught(monkeypatch):
     # the test above passes through the rescan: a bound from the sampled positions alone
-    # (G = 100 there) lets fewer than K grow candidates through
+    # (G = 100 there) lets fewer than grow_k non-slot candidates through
     monkeypatch.setattr(selection, "SAMPLE_MIN", 1024)
     theta, G, slots, values, zeros = problem("misleading")
     d = delta(theta, slots, values, zeros, 0, N)
     w = open_window(d, "candidates", 200, False, True, None)
     sample = G[::selection.SAMPLE_STRIDE].abs()
-    bound = selection.sampled_bound(sample[~sample.isnan()], K, selection.SAMPLE_STRIDE, True)
-    assert len(w._scan(G, bound, None)[0]) < K
+    bound = selection.sampled_bound(sample[~sample.isnan()], w.grow_k, selection.SAMPLE_STRIDE, True)
+    assert len(w._scan(G, bound, None)[0]) < w.grow_k
+
+
+def test_window_sums_take_the_slots_from_their_delta_gradients():
+    # later steps sample G only off the slots; at the slots it is the δ-gradient end_step gets
+    theta, G, slots, values, zeros = problem("random")
+    G = torch.nan_to_num(G)
+    d = delta(theta, slots, values, zeros, 0, N)
+    w = open_window(d, "candidates", 50, False, True, None)
+    w.add(G.clone())
+    w.end_step(0.5, G[slots] * 0.5)  # the δ-gradients come clipped already
+    assert not bool(member(slots, w.sample_positions()).any())
+    w.add_sampled(2 * G[w.sample_positions()])
+    w.end_step(1.0, 2 * G[slots])
+    cand = w.grow_candidates()
+    torch.testing.assert_close(w.grad_sum(cand), 2.5 * G[cand])
+    mean, mean_sq = w.seed_stats(cand)
+    torch.testing.assert_close(mean_sq, (0.25 + 4) / 2 * G[cand] ** 2)
