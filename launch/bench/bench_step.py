@@ -155,7 +155,7 @@ def bench_seft(model, batch, args, device, kernel: str):
             times.append(now() - t0)
             return times
         window_sequence()  # warm-up
-        runs = [window_sequence() for _ in range(max(1, args.repeats // 2))]
+        runs = [window_sequence() for _ in range(args.repeats)]  # each phase: median over --repeats windows
         med = [statistics.median(r[i] for r in runs) for i in range(6)]
         out.update(first=med[0], later=statistics.median(med[1:4]), update=med[5])
         out["window_last"] = med[4]  # the update step's forward/backward (a later window step)

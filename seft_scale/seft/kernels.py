@@ -73,13 +73,15 @@ def choose_kernel(num_slots: int, numel: int, gather_cost_ratio: float) -> str:
 def composed(weight: torch.Tensor, pos: torch.Tensor, values: torch.Tensor) -> Iterator[torch.Tensor]:
     """`weight` holding θ + S while inside; θ restored exactly (the K values saved) on leaving."""
     w = weight.data.view(-1)
-    kept = w[pos]
+    # index_select / index_copy_, not w[pos]: 2-4x faster on CPU at K ~ 500K (advanced indexing
+    # goes through the generic index kernel)
+    kept = w.index_select(0, pos)
     acc = torch.promote_types(w.dtype, torch.float32)  # 16-bit weights: one rounding, from fp32
-    w[pos] = (kept.to(acc) + values.detach().to(acc)).to(w.dtype)
+    w.index_copy_(0, pos, (kept.to(acc) + values.detach().to(acc)).to(w.dtype))
     try:
         yield weight.data
     finally:
-        w[pos] = kept
+        w.index_copy_(0, pos, kept)
 
 
 def _csr_pattern(pos: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -135,7 +137,7 @@ class _LinearSparseDelta(torch.autograd.Function):
         if ctx.needs_input_grad[3] or tap is not None:
             if ctx.kernel == "dense" or (tap is not None and tap.wants_dense()):
                 G = g2.t() @ x2  # the dense weight gradient, [d_out, d_in]
-                grad_full = G.reshape(-1)[pos].to(torch.promote_types(G.dtype, torch.float32))
+                grad_full = G.reshape(-1).index_select(0, pos).to(torch.promote_types(G.dtype, torch.float32))
                 if tap is not None:
                     tap.add_dense(G)
                 del G

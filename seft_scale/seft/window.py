@@ -8,16 +8,19 @@ later updates agree (`end_step`).
 
 Two ways to keep them (`seft.window_scores`):
 
-* ``candidates`` (default): at the window's first micro-batch, every target keeps bounded
-  candidate sets chosen by an exact global top-k of that micro-batch's G — the K positions of
-  largest |G| for grow (the approach of SpIEL's SftSelector, Ansell et al. 2024) and, when adapt
-  ranks by sensitivity, the max(K, 2·n_grow) support positions of smallest |W·G| — and sums G
-  (and G²) over the window at those positions only. Memory O(K) per matrix instead of O(n), and
-  only that first micro-batch needs the dense G: later window steps sample G at the candidates
-  by an SDDMM beside the slots' (seft/kernels.py). The sizes guarantee enough: at least n_grow candidates
-  without a remaining slot, and at least the overshoot after excluding the positions just grown.
-  The candidates come from the first micro-batch, so runs that split a global batch into
-  different micro-batches (ranks x accumulation) choose from different first micro-batches.
+* ``candidates`` (default): every slot is a candidate (its G is its δ-gradient, which the
+  kernel computes anyway), and at the window's first micro-batch every target adds bounded
+  non-slot sets chosen by an exact global top-k of that micro-batch's G: the c·n_grow positions
+  of largest |G| for grow (c = seft.window_candidates; the approach of SpIEL's SftSelector,
+  Ansell et al. 2024) and, when adapt ranks by sensitivity, the max(c, 2)·n_grow support
+  positions of smallest |θ·G|. G (and G²) is summed over the window at those positions only:
+  memory O(K + c·n_grow) per matrix instead of O(n), only the first micro-batch needs the dense
+  G, and later window steps sample G at the non-slot candidates by an SDDMM beside the slots'
+  (seft/kernels.py): ~4·n_grow positions, n_grow ≈ p·K. The sizes guarantee enough: grow finds
+  at least n_grow positions without a remaining slot (the non-slot ones and every dropped slot),
+  adapt at least the overshoot after excluding the positions just grown (it needs ≤ n_grow of
+  2·n_grow). The non-slot candidates come from the first micro-batch, so runs that split a
+  global batch into different micro-batches (ranks x accumulation) choose from different ones.
 * ``dense``: fp32 sums over the whole shard (Σ G, Σ G² and the current step's G: 12 B per weight
   of the shard while a window is open): the exact reference for the ablation.
 
@@ -134,16 +137,20 @@ class CandidateWindow:
         adapt_missed = len(adapt) < self.adapt_k and adapt_b is not None
         if grow_missed or adapt_missed:  # the sample misled: scan again without that bound
             grow, adapt = self._scan(g, None if grow_missed else grow_b, None if adapt_missed else adapt_b)
-        grow = grow[select_topk([g[grow].abs()], [grow + d.offset], [self.grow_k], True, self.allreduce)[0]]
-        score = (d.base.detach()[adapt].to(torch.float32) * g[adapt]).abs_()  # W = θ off the slots
+        score = g.index_select(0, grow).abs_()
+        grow = grow[select_topk([score], [grow + d.offset], [self.grow_k], True, self.allreduce)[0]]
+        score = (d.base.detach().index_select(0, adapt).to(torch.float32) * g.index_select(0, adapt)).abs_()
         adapt = adapt[select_topk([score], [adapt + d.offset], [self.adapt_k], False, self.allreduce)[0]]
         slots = d.local_index()
-        self.pos = torch.unique(torch.cat([slots, grow, adapt]))
-        self.sets = (member(torch.sort(torch.cat([slots, grow])).values, self.pos).to(torch.uint8) * self.GROW
-                     | member(torch.sort(torch.cat([slots, adapt])).values, self.pos).to(torch.uint8) * self.ADAPT)
+        self.pos, inv = torch.unique(torch.cat([slots, grow, adapt]), return_inverse=True)
+        self.sets = torch.zeros(len(self.pos), dtype=torch.uint8, device=g.device)
+        ns, ng = len(slots), len(grow)
+        self.sets[inv[:ns]] = self.GROW | self.ADAPT
+        self.sets[inv[ns:ns + ng]] |= self.GROW
+        self.sets[inv[ns + ng:]] |= self.ADAPT  # grow ∩ adapt: both bits (indices unique per set)
         self.sum = torch.zeros(len(self.pos), dtype=torch.float32, device=g.device)
         self.sumsq, self.step = torch.zeros_like(self.sum), torch.zeros_like(self.sum)
-        self._index_samples()
+        self._index_samples(slot_at=inv[:ns])
 
     def _scan(self, g: torch.Tensor, grow_b: Optional[float],
               adapt_b: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,10 +187,10 @@ class CandidateWindow:
     def wants_dense(self) -> bool:
         return self.pos is None  # choosing the candidates needs every position's G once
 
-    def _index_samples(self) -> None:
+    def _index_samples(self, slot_at: Optional[torch.Tensor] = None) -> None:
         """The positions the kernel samples (the non-slot candidates) and where they and the
         slots sit in `pos` (the slots do not move while a window is open)."""
-        self.slot_at = torch.searchsorted(self.pos, self.d.local_index())
+        self.slot_at = torch.searchsorted(self.pos, self.d.local_index()) if slot_at is None else slot_at
         free = torch.ones(len(self.pos), dtype=torch.bool, device=self.pos.device)
         free[self.slot_at] = False
         self.sampled_at = torch.nonzero(free).reshape(-1)
@@ -193,7 +200,7 @@ class CandidateWindow:
         """One micro-batch's G over the whole shard (fp32, summed over ranks)."""
         if self.pos is None:
             self._choose(g)
-        self.step[self.sampled_at] += g[self.sampled]
+        self.step.index_add_(0, self.sampled_at, g.index_select(0, self.sampled))
 
     def sample_positions(self) -> torch.Tensor:
         """This shard's non-slot candidates as sorted local positions (the slots' G is their
@@ -202,7 +209,7 @@ class CandidateWindow:
 
     def add_sampled(self, v: torch.Tensor) -> None:
         """One micro-batch's G at `sample_positions()` (fp32, summed over ranks)."""
-        self.step[self.sampled_at] += v
+        self.step.index_add_(0, self.sampled_at, v)
 
     def end_step(self, scale: float, slot_grad: Optional[torch.Tensor] = None) -> None:
         """The step's G times `scale`; at the slots `slot_grad`, this shard's δ-gradients (the
@@ -211,7 +218,7 @@ class CandidateWindow:
             return
         self.step.mul_(scale)
         if slot_grad is not None:
-            self.step[self.slot_at] += slot_grad.to(torch.float32)
+            self.step.index_add_(0, self.slot_at, slot_grad.to(torch.float32))
         self.sum += self.step
         self.sumsq.addcmul_(self.step, self.step)
         self.step.zero_()
