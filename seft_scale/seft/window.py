@@ -150,7 +150,7 @@ class CandidateWindow:
         self.sets[inv[ns + ng:]] |= self.ADAPT  # grow ∩ adapt: both bits (indices unique per set)
         self.sum = torch.zeros(len(self.pos), dtype=torch.float32, device=g.device)
         self.sumsq, self.step = torch.zeros_like(self.sum), torch.zeros_like(self.sum)
-        self._index_samples(slot_at=inv[:ns])
+        self._index_samples(slot_at=inv[:ns].clone())  # not a view: inv is freed
 
     def _scan(self, g: torch.Tensor, grow_b: Optional[float],
               adapt_b: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
