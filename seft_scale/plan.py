@@ -466,7 +466,8 @@ def plan_memory(inp: PlanInput) -> MemoryPlan:
         n_free = nl * sum(math.ceil(_non_slot_candidates(sf, k, r * c, inp.nm) / W)
                          for (_, r, c), k in zip(targets, caps))
         scores = add("window scores (candidates)", "window",
-                     k_shard * (CANDIDATE_B + SLOT_CANDIDATE_B) + n_free * (CANDIDATE_B + SAMPLED_CANDIDATE_B),
+                     k_shard * (CANDIDATE_B + SLOT_CANDIDATE_B)
+                     + n_free * (CANDIDATE_B + SAMPLED_CANDIDATE_B),
                      f"K/W slots · {CANDIDATE_B + SLOT_CANDIDATE_B} B + (c + max(c, 2))·grown/W non-slot "
                      f"candidates · {CANDIDATE_B + SAMPLED_CANDIDATE_B} B (c = seft.window_candidates)")
     n_max = max(r * c for _, r, c in targets)
@@ -475,7 +476,8 @@ def plan_memory(inp: PlanInput) -> MemoryPlan:
     g_one = n_max * ec + shard_max * 4 \
         + (math.ceil(n_max / W) * W * 4 if W > 1 else 0)
     if sf.window_scores == "candidates":
-        g_one += CHOOSE_B * (math.ceil(shard_max / sample_stride(shard_max)) + min(shard_max, SCAN_BLOCK))
+        sampled_elems = math.ceil(shard_max / sample_stride(shard_max)) + min(shard_max, SCAN_BLOCK)
+        g_one += CHOOSE_B * sampled_elems
     add("one matrix's dense G", "window", g_one,
         "largest target: G in compute dtype, its fp32 shard, reduce-scatter chunks (W > 1)"
         + (f", choosing candidates {CHOOSE_B} B per element of the sample and of a scan block"

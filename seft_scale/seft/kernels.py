@@ -15,7 +15,7 @@ The δ-gradients, ∂L/∂δ_j = Σ_t g[t, row_j]·x[t, col_j], come from one of
 
 Cost rule (`choose_kernel`): sddmm iff K · gather_cost_ratio < n, where the ratio is the cost of one
 sampled multiply-add in matmul multiply-adds, measured by launch/bench/bench_step.py (12-17 at
-Llama-2-7B's matrices on two AVX2 cores; README's benchmark section has the figures).
+Llama-2-7B's matrices on two AVX2 cores, 9-16 on one thread; README's benchmark section has the figures).
 
 In selection windows a `WindowTap` takes the gradient the window scores need: the dense G when it
 asks for it (dense window scores; candidates at the window's first micro-batch), else G sampled at

@@ -181,7 +181,8 @@ class CandidateWindow:
         adapt = torch.cat(adapts) if adapts else slots[:0]
         if self.adapt_k > 0:
             adapt = adapt[~member(slots, adapt)]
-            adapt = torch.sort(torch.cat([adapt, zeros[_reaches((0.0 * g[zeros]).abs_(), adapt_b, False)]])).values
+            zero_w = _reaches((0.0 * g[zeros]).abs_(), adapt_b, False)  # W = 0: NaN G only fails
+            adapt = torch.sort(torch.cat([adapt, zeros[zero_w]])).values
         return grow, adapt
 
     def wants_dense(self) -> bool:
@@ -190,7 +191,9 @@ class CandidateWindow:
     def _index_samples(self, slot_at: Optional[torch.Tensor] = None) -> None:
         """The positions the kernel samples (the non-slot candidates) and where they and the
         slots sit in `pos` (the slots do not move while a window is open)."""
-        self.slot_at = torch.searchsorted(self.pos, self.d.local_index()) if slot_at is None else slot_at
+        if slot_at is None:
+            slot_at = torch.searchsorted(self.pos, self.d.local_index())
+        self.slot_at = slot_at
         free = torch.ones(len(self.pos), dtype=torch.bool, device=self.pos.device)
         free[self.slot_at] = False
         self.sampled_at = torch.nonzero(free).reshape(-1)
