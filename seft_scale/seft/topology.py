@@ -151,7 +151,7 @@ def topology_update(deltas: Sequence[SparseDelta], drop_fraction: float, seed_fn
                 cand = torch.nonzero(d.support()).reshape(-1)
             cand = cand[d.in_support(cand) & ~member(gidx, cand)]
             w = d.weights_at(cand)
-            scores.append((w * d.window.grad_sum(cand, adapt=True)).abs()
+            scores.append((w * d.window.grad_sum(cand)).abs()
                           if criterion == "sensitivity" else w.abs())
             cands.append(cand)
         eligible = _global([[len(c)] for c in cands], allreduce)[:, 0]

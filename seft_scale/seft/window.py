@@ -78,7 +78,7 @@ class DenseWindow:
     def adapt_candidates(self) -> Optional[torch.Tensor]:
         return torch.arange(len(self.sum), device=self.sum.device)
 
-    def grad_sum(self, idx: torch.Tensor, adapt: bool = False) -> torch.Tensor:
+    def grad_sum(self, idx: torch.Tensor) -> torch.Tensor:
         return self.sum[idx]
 
     def seed_stats(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,8 +233,8 @@ class CandidateWindow:
     def adapt_candidates(self) -> Optional[torch.Tensor]:
         return self.pos[(self.sets & self.ADAPT) != 0] if self.sensitivity else None
 
-    def grad_sum(self, idx: torch.Tensor, adapt: bool = False) -> torch.Tensor:
-        """Σ G at local positions `idx`, which must be candidates."""
+    def grad_sum(self, idx: torch.Tensor) -> torch.Tensor:
+        """Σ G at local positions `idx`, which must be candidates (of either set: one array)."""
         return self.sum[torch.searchsorted(self.pos, idx)]
 
     def seed_stats(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
