@@ -20,10 +20,41 @@ from seft_scale.seft.delta import SparseDelta
 from seft_scale.seft.selection import Allreduce
 
 
+# beyond this many steps the bias corrections are looked up from no table (beta ~ 1): pow per slot
+_TABLE_MAX = 1 << 22
+
+
+def _bias_tables(beta: float) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """(1 - β^a, sqrt(1 - β^a)) in fp32 for ages a = 0 .. L-1, computed in fp64 as the per-slot
+    formula would be; from age L on β^a < 2^-25, so both round to exactly 1.0 in fp32 and a clamped
+    age gives the same bits. A gather of K instead of two fp64 pows of K per matrix and step
+    (~10 ms each at K = 483K on one CPU thread). None if L would be huge (β within ~1e-6 of 1)."""
+    L = 2 if beta == 0 else 1 + math.ceil(-25 * math.log(2) / math.log(beta))
+    if L > _TABLE_MAX:
+        return None
+    c = 1 - beta ** torch.arange(L, dtype=torch.float64)
+    return c.to(torch.float32), c.sqrt().to(torch.float32)
+
+
 class SlotAdamW:
     def __init__(self, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0):
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        self._tables = (_bias_tables(betas[0]), _bias_tables(betas[1]))
+        self._on: dict[torch.device, tuple] = {}  # the tables on each device the slots live on
+
+    def _corrections(self, age: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1 - β1^age, sqrt(1 - β2^age)) per slot, fp32."""
+        t1, t2 = self._tables
+        if t1 is None or t2 is None:
+            b1, b2 = self.betas
+            a = age.to(torch.float64)
+            return (1 - b1 ** a).to(torch.float32), (1 - b2 ** a).sqrt().to(torch.float32)
+        if age.device not in self._on:
+            self._on[age.device] = (t1[0].to(age.device), t2[1].to(age.device))
+        c1, c2 = self._on[age.device]
+        return (c1.index_select(0, age.clamp(max=len(c1) - 1)),
+                c2.index_select(0, age.clamp(max=len(c2) - 1)))
 
     def seed(self, mean_grad: torch.Tensor, mean_sq: torch.Tensor, steps: int):
         """(exp_avg, exp_avg_sq, age) for new slots that saw `steps` window steps with these mean
@@ -46,12 +77,10 @@ class SlotAdamW:
                 continue
             p = d.values
             d.age += 1
-            age = d.age.to(torch.float64)
             p.mul_(1 - lr * self.weight_decay)
             d.exp_avg.lerp_(g, 1 - b1)
             d.exp_avg_sq.mul_(b2).addcmul_(g, g, value=1 - b2)
-            bc1 = (1 - b1 ** age).to(torch.float32)
-            bc2_sqrt = (1 - b2 ** age).sqrt().to(torch.float32)
+            bc1, bc2_sqrt = self._corrections(d.age)
             denom = (d.exp_avg_sq.sqrt() / bc2_sqrt).add_(self.eps)
             p.addcdiv_(d.exp_avg, denom * bc1, value=-lr)
             p.grad = None

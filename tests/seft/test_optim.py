@@ -31,6 +31,21 @@ def test_equals_torch_adamw_on_fixed_slots():
     assert int(d.age[0]) == 25
 
 
+def test_bias_corrections_from_tables_equal_the_per_slot_formula():
+    """The looked-up corrections are the fp64 formula's bits at every age, beyond the tables'
+    length too (clamped ages), and betas within ~1e-6 of 1 fall back to the formula."""
+    for betas in [(0.9, 0.999), (0.0, 0.95), (0.5, 0.9999)]:
+        opt = SlotAdamW(1e-3, betas)
+        age = torch.arange(0, 200_000, 7, dtype=torch.int32)
+        c1, c2 = opt._corrections(age)
+        a = age.to(torch.float64)
+        assert torch.equal(c1, (1 - betas[0] ** a).to(torch.float32))
+        assert torch.equal(c2, (1 - betas[1] ** a).sqrt().to(torch.float32))
+    assert SlotAdamW(1e-3, (0.9, 1 - 1e-7))._tables[1] is None
+    c1, c2 = SlotAdamW(1e-3, (0.9, 1 - 1e-7))._corrections(torch.tensor([1, 10**6], dtype=torch.int32))
+    assert torch.equal(c2, (1 - (1 - 1e-7) ** torch.tensor([1.0, 1e6], dtype=torch.float64)).sqrt().float())
+
+
 def test_seeded_slot_first_step_follows_the_window():
     ours = SlotAdamW(lr=1e-2)
     mean, mean_sq = torch.tensor([0.5, -2.0, 1e-3]), torch.tensor([1.0, 4.0, 1e-6])
