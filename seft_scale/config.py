@@ -183,6 +183,11 @@ class SeftConfig:
     window_candidates: float = 2.0
     """Non-slot grow candidates per slot the update grows (>= 1; adapt takes at least 2 per
     grown slot, enough for any overshoot). Each later window step samples G at all of them."""
+    window_screen_stride: int = 1
+    """Candidates window only: choose the non-slot candidates from the G of every s-th token of
+    the window's first micro-batch (s = this), a dense matmul 1/s the size of the full weight
+    gradient; that micro-batch's G then enters the sums at the candidates exactly, sampled at all
+    its tokens like the later steps'. 1: from the full G (which then is the step's G)."""
     drop_rate: float = 0.2
     """p0: fraction of the K slots dropped and regrown at the first update."""
     drop_schedule: Literal["cosine", "linear", "constant"] = "cosine"
@@ -215,6 +220,7 @@ class SeftConfig:
         _need(self.update_interval > 0, "seft.update_interval", "must be > 0")
         _need(0 < self.window <= self.update_interval, "seft.window", "must be in [1, update_interval]")
         _need(self.window_candidates >= 1, "seft.window_candidates", "must be >= 1")
+        _need(self.window_screen_stride >= 1, "seft.window_screen_stride", "must be >= 1")
         _need(0 <= self.drop_rate <= 1, "seft.drop_rate", "must be in [0, 1]")
         _need(self.gather_cost_ratio > 0, "seft.gather_cost_ratio", "must be > 0")
         _need(len(self.targets) > 0, "seft.targets", "must name at least one module")

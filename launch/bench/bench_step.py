@@ -123,9 +123,10 @@ def build(args, device, dtype):
     return model
 
 
-def bench_seft(model, batch, args, device, kernel: str):
-    """SEFT through the method the trainer drives: update every 10 steps after a 5-step window."""
-    cfg = RunConfig(seft=SeftConfig(lora_rank=args.rank, kernel=kernel),
+def bench_seft(model, batch, args, device, kernel: str, screen_stride: int = 1, window: bool = True):
+    """SEFT through the method the trainer drives: update every 10 steps after a 5-step window
+    whose candidates are chosen from the G of every `screen_stride`-th token."""
+    cfg = RunConfig(seft=SeftConfig(lora_rank=args.rank, kernel=kernel, window_screen_stride=screen_stride),
                     train=TrainConfig(steps=10_000, lr=1e-3, max_grad_norm=1.0))
     method = SeftMethod(cfg, LocalBackend(device), model, find_targets(model, TARGETS))
     method.init_state()
@@ -140,7 +141,7 @@ def bench_seft(model, batch, args, device, kernel: str):
 
     t_plain = timed(lambda: at(1), args.repeats)
     out = {"plain": t_plain}
-    if kernel == args.main_kernel:
+    if window:
         def window_sequence():
             times = []
             for t in range(6, 11):
@@ -262,6 +263,9 @@ def main(argv=None):
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="auto: bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--screen-strides", default=str(SeftConfig().window_screen_stride),
+                    help="seft.window_screen_stride values whose windows to time (comma-separated; "
+                         "the first kernel only)")
     ap.add_argument("--json", default=None, metavar="PATH",
                     help="also write every figure printed (seconds, bytes) as JSON to PATH")
     args = ap.parse_args(argv)
@@ -282,8 +286,12 @@ def main(argv=None):
           f"threads {torch.get_num_threads()}")
     res = {"lora": bench_lora(copy.deepcopy(base), batch, args, device),
            "static": bench_static(copy.deepcopy(base), batch, args, device)}
+    strides = [int(v) for v in args.screen_strides.split(",") if v]
     for kernel in kernels:
-        res[f"seft:{kernel}"] = bench_seft(copy.deepcopy(base), batch, args, device, kernel)
+        for i, st in enumerate(strides if kernel == args.main_kernel else strides[:1]):
+            name = f"seft:{kernel}" + (f":s{st}" if i else "")
+            res[name] = bench_seft(copy.deepcopy(base), batch, args, device, kernel, st,
+                                   window=kernel == args.main_kernel)
     lora = res["lora"]
     mib = 2 ** 20
     print(f"\n{'method':12} {'step ms':>9} {'x LoRA':>7} {'peak MiB':>9} {'x LoRA':>7} {'trainable':>11}")
@@ -292,15 +300,17 @@ def main(argv=None):
         print(f"{name:12} {r['plain'] * 1e3:9.1f} {r['plain'] / lora['plain']:7.2f} "
               + (f"{peak / mib:9.1f} {peak / lora['peak_plain']:7.2f}" if peak is not None else f"{'':9} {'':7}")
               + f" {r.get('trainable', 0):11,d}")
-    s = res[f"seft:{args.main_kernel}"]
     p = lora["plain"]
-    print(f"\nSEFT ({args.main_kernel}; kernels per matrix by the cost rule: {'/'.join(s['kernels'])}):"
-          f" plain step {s['plain'] * 1e3:.1f} ms ({s['plain'] / p:.2f}x LoRA; target <= 1.10), "
-          f"window first step {s['first'] * 1e3:.1f} ms ({s['first'] / p:.2f}x), later window steps "
-          f"{s['later'] * 1e3:.1f} ms ({s['later'] / p:.2f}x), topology update {s['update'] * 1e3:.1f} "
-          f"ms ({s['update'] / s['plain']:.2f} plain steps; target <= 1)")
-    print(f"amortised over ΔT=10, A=5: {s['amortised'] * 1e3:.1f} ms = {s['amortised'] / p:.2f}x LoRA "
-          f"(target <= 1.15)")
+    for i, st in enumerate(strides):
+        s = res[f"seft:{args.main_kernel}" + (f":s{st}" if i else "")]
+        print(f"\nSEFT ({args.main_kernel}, window_screen_stride {st}; kernels per matrix by the cost rule: "
+              f"{'/'.join(s['kernels'])}): plain step {s['plain'] * 1e3:.1f} ms ({s['plain'] / p:.2f}x LoRA; "
+              f"target <= 1.10), window first step {s['first'] * 1e3:.1f} ms ({s['first'] / p:.2f}x), later "
+              f"window steps {s['later'] * 1e3:.1f} ms ({s['later'] / p:.2f}x), topology update "
+              f"{s['update'] * 1e3:.1f} ms ({s['update'] / s['plain']:.2f} plain steps; target <= 1)")
+        print(f"amortised over ΔT=10, A=5: {s['amortised'] * 1e3:.1f} ms = {s['amortised'] / p:.2f}x LoRA "
+              f"(target <= 1.15)")
+    s = res[f"seft:{args.main_kernel}"]
     print(f"peak memory above the model: plain step {s['peak_plain'] / mib:.1f} MiB "
           f"({s['peak_plain'] / lora['peak_plain']:.2f}x LoRA's {lora['peak_plain'] / mib:.1f}), window "
           f"step {s['peak_window'] / mib:.1f} MiB; trainable state {s['state_bytes'] / mib:.1f} MiB vs "

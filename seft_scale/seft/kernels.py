@@ -19,7 +19,9 @@ Llama-2-7B's matrices on two AVX2 cores, 9-16 on one thread; README's benchmark 
 
 In selection windows a `WindowTap` takes the gradient the window scores need: the dense G when it
 asks for it (dense window scores; candidates at the window's first micro-batch), else G sampled at
-the window's candidate positions by a second SDDMM beside the slots' one.
+the window's candidate positions by a second SDDMM beside the slots' one. A window that screens
+(seft.window_screen_stride = s > 1) first chooses its candidates from the G of every s-th token
+(a matmul 1/s of the full one) and then samples the micro-batch's G at them like a later step.
 """
 from __future__ import annotations
 
@@ -56,6 +58,12 @@ class WindowTap(Protocol):
 
     def add_dense(self, G: torch.Tensor) -> None:
         """This rank's dense weight gradient [d_out, d_in] of the micro-batch."""
+
+    def screen_stride(self) -> int:
+        """s > 0: this backward first hands `choose` the G of every s-th token; 0: no."""
+
+    def choose(self, G: torch.Tensor) -> None:
+        """This rank's screening G [d_out, d_in] (every s-th token): the candidates are chosen."""
 
     def positions(self) -> torch.Tensor:
         """Sorted global positions (of every rank's candidates) at which G is sampled."""
@@ -143,6 +151,9 @@ class _LinearSparseDelta(torch.autograd.Function):
                 del G
             elif tap is not None:  # the window's candidates sampled beside the slots: two SDDMMs,
                 # no per-backward union of the two position lists (a sort of ~3K positions)
+                s = tap.screen_stride()
+                if s:
+                    tap.choose(g2[::s].t() @ x2[::s])
                 grad_full = sddmm(g2, x2, pos, (d_out, d_in))
                 tap.add_sampled(sddmm(g2, x2, tap.positions().to(pos.device), (d_out, d_in)))
             else:

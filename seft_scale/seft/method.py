@@ -87,6 +87,13 @@ class Tap:
         shard = self.comm.reduce_scatter_flat(G, self.bounds, self.dtype)
         self.d.window.add(shard.to(self.d.base.device, torch.float32))
 
+    def screen_stride(self) -> int:
+        return self.d.window.screen_stride()
+
+    def choose(self, G: torch.Tensor) -> None:
+        shard = self.comm.reduce_scatter_flat(G, self.bounds, self.dtype)
+        self.d.window.choose(shard.to(self.d.base.device, torch.float32))
+
     def positions(self) -> torch.Tensor:
         mine = self.d.window.sample_positions() + self.d.offset
         if not self.comm.grouped:
@@ -163,7 +170,7 @@ class SeftMethod:
             if d.window is None:
                 d.window = open_window(d, s.window_scores, ng, self.restricted,
                                        s.adapt_criterion == "sensitivity", self.comm.allreduce,
-                                       s.window_candidates)
+                                       s.window_candidates, s.window_screen_stride)
                 saved = self._saved_windows.pop(d.name, None)
                 if saved:  # resumed inside this window
                     d.window.load_state_dict(saved)

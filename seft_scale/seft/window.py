@@ -48,6 +48,25 @@ def _reaches(scores: torch.Tensor, bound: Optional[float], largest: bool) -> tor
     return scores >= bound if largest else scores <= bound
 
 
+def _reaches_(scores: torch.Tensor, bound: Optional[float], largest: bool) -> torch.Tensor:
+    """`_reaches`, overwriting `scores`: an in-place compare into the float tensor, then a cast,
+    is ~2x faster on CPU than a compare that writes bool (measured: 0.3 vs 1.0 ns per score)."""
+    if bound is None:
+        return scores.eq_(scores).bool()
+    return (scores.ge_(bound) if largest else scores.le_(bound)).bool()
+
+
+def _nonzero_pairs(code: torch.Tensor) -> torch.Tensor:
+    """Indices of the nonzero bytes of a contiguous uint8 tensor, sorted. Passing entries are
+    rare (~1 % here): search the 8-byte words first, then only the words that hold one."""
+    n = code.numel()
+    if n % 8:
+        return torch.nonzero(code).reshape(-1)
+    words = torch.nonzero(code.view(torch.int64)).reshape(-1)
+    at = torch.nonzero(code.view(-1, 8).index_select(0, words))
+    return words[at[:, 0]] * 8 + at[:, 1]
+
+
 class DenseWindow:
     """fp32 sums over the whole shard."""
 
@@ -59,6 +78,9 @@ class DenseWindow:
 
     def wants_dense(self) -> bool:
         return True
+
+    def screen_stride(self) -> int:
+        return 0
 
     def add(self, g: torch.Tensor) -> None:
         """One micro-batch's G over the shard (fp32, summed over ranks)."""
@@ -103,9 +125,10 @@ class CandidateWindow:
     GROW, ADAPT = 1, 2  # bits of `sets`: which candidate sets a position belongs to
 
     def __init__(self, d: SparseDelta, grow_k: int, adapt_k: int, restricted: bool,
-                 sensitivity: bool, allreduce: Optional[Allreduce]):
+                 sensitivity: bool, allreduce: Optional[Allreduce], screen_stride: int = 1):
         self.d, self.grow_k, self.adapt_k = d, grow_k, adapt_k
         self.restricted, self.sensitivity, self.allreduce = restricted, sensitivity, allreduce
+        self.stride = screen_stride
         self.pos: Optional[torch.Tensor] = None  # local positions, sorted; None until chosen
         self.steps = 0
 
@@ -162,15 +185,25 @@ class CandidateWindow:
         theta = d.base.detach()
         grows, adapts = [], []
         for lo in range(0, d.length, SCAN_BLOCK):
-            gb, t = g[lo:lo + SCAN_BLOCK], theta[lo:lo + SCAN_BLOCK].to(torch.float32)
-            a = gb.abs()
-            m = _reaches(a, grow_b, True)
-            if self.restricted:
-                m &= t != 0
-            grows.append(torch.nonzero(m).reshape(-1) + lo)
+            # per block: |G|, |θ·G| = |θ|·|G|, both compared in place, the two masks packed in
+            # one byte each so one search finds both (~0.7 instead of ~2.4 ms per 256K on CPU)
+            t = theta[lo:lo + SCAN_BLOCK]
+            a = g[lo:lo + SCAN_BLOCK].abs()
+            on = t.bool()  # θ != 0
+            adapt_m = None
             if self.adapt_k > 0:
-                m = _reaches(a.mul_(t.abs()), adapt_b, False) & (t != 0)  # |θ|·|G| == |θ·G|
-                adapts.append(torch.nonzero(m).reshape(-1) + lo)
+                adapt_m = _reaches_(a * t.abs().to(torch.float32), adapt_b, False) & on  # never abs_ θ
+            code = _reaches_(a, grow_b, True)
+            if self.restricted:
+                code &= on
+            code = code.view(torch.uint8)
+            if adapt_m is not None:
+                code = code | (adapt_m.view(torch.uint8) << 1)
+            at = _nonzero_pairs(code)
+            kind = code.index_select(0, at)
+            grows.append(at[(kind & 1).bool()] + lo)
+            if adapt_m is not None:
+                adapts.append(at[(kind & 2).bool()] + lo)
         slots = d.local_index()
         zeros = d.zeros - d.offset
         zeros = zeros[~member(slots, zeros)]  # listed zeros without a slot: W = 0 there
@@ -186,7 +219,18 @@ class CandidateWindow:
         return grow, adapt
 
     def wants_dense(self) -> bool:
-        return self.pos is None  # choosing the candidates needs every position's G once
+        """Whether the next backward must hand over its full G (to choose from, and add)."""
+        return self.pos is None and self.stride == 1
+
+    def screen_stride(self) -> int:
+        """s > 0: the next backward chooses the candidates from the G of every s-th token
+        (`choose`), then samples its full G at them; 0: nothing to choose."""
+        return self.stride if self.pos is None and self.stride > 1 else 0
+
+    def choose(self, g: torch.Tensor) -> None:
+        """The non-slot candidates from a screening G over the whole shard (fp32, summed over
+        ranks), which is not added: its scale does not change what is chosen."""
+        self._choose(g)
 
     def _index_samples(self, slot_at: Optional[torch.Tensor] = None) -> None:
         """The positions the kernel samples (the non-slot candidates) and where they and the
@@ -263,13 +307,14 @@ class CandidateWindow:
 
 
 def open_window(d: SparseDelta, kind: str, n_grow: int, restricted: bool, sensitivity: bool,
-                allreduce: Optional[Allreduce], per_grown: float = 2.0):
+                allreduce: Optional[Allreduce], per_grown: float = 2.0, screen_stride: int = 1):
     """The window scores of one matrix for an update that grows `n_grow` slots; `per_grown`
-    non-slot candidates per grown slot (seft.window_candidates)."""
+    non-slot candidates per grown slot (seft.window_candidates), chosen from the G of every
+    `screen_stride`-th token (seft.window_screen_stride)."""
     if kind == "dense":
         return DenseWindow(d)
     if kind != "candidates":
         raise ValueError(f"window scores must be one of {WINDOW_SCORES}, got {kind!r}")
     grow_k = math.ceil(per_grown * n_grow)
     adapt_k = math.ceil(max(per_grown, 2.0) * n_grow) if sensitivity and not restricted else 0
-    return CandidateWindow(d, grow_k, adapt_k, restricted, sensitivity, allreduce)
+    return CandidateWindow(d, grow_k, adapt_k, restricted, sensitivity, allreduce, screen_stride)

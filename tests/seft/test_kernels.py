@@ -95,16 +95,24 @@ def test_sddmm_over_token_blocks_equals_dense():
 
 
 class RecordingTap:
-    """A window tap that asks for the dense G or samples it at fixed positions."""
+    """A window tap that asks for the dense G or samples it at fixed positions, after choosing
+    from the G of every `screen`-th token once if screen > 0."""
 
-    def __init__(self, dense, sample=None):
-        self.dense, self.sample, self.seen = dense, sample, []
+    def __init__(self, dense, sample=None, screen=0):
+        self.dense, self.sample, self.screen, self.seen = dense, sample, screen, []
 
     def wants_dense(self):
         return self.dense
 
     def add_dense(self, G):
         self.seen.append(G)
+
+    def screen_stride(self):
+        return self.screen
+
+    def choose(self, G):
+        self.seen.append(G)
+        self.screen = 0
 
     def positions(self):
         return self.sample
@@ -131,6 +139,24 @@ def test_window_tap_gets_the_dense_or_the_sampled_weight_gradient(dense):
         want = wr.grad if dense else wr.grad.reshape(-1)[sample]
         torch.testing.assert_close(tap.seen[-1], want, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(vs.grad, wr.grad.reshape(-1)[pos], rtol=1e-12, atol=1e-12)
+
+
+def test_a_screening_tap_chooses_from_every_sth_token_then_gets_the_full_g_sampled():
+    x, w, b, pos, vals = setup()  # 15 tokens
+    wr = w.clone().requires_grad_(True)
+    y_ref = F.linear(x, wr + torch.zeros(24 * 40, dtype=torch.float64).index_add(0, pos, vals).view(24, 40), b)
+    g_out = torch.randn_like(y_ref)
+    y_ref.backward(g_out)
+    vs = vals.clone().requires_grad_(True)
+    sample = torch.tensor([1, 2, 3, 500])
+    tap = RecordingTap(False, sample, screen=2)
+    linear_sparse_delta(x, w, b, vs, LocalSlots(pos, vs), "sddmm", tap).backward(g_out)
+    g2, x2 = g_out.reshape(-1, 24), x.reshape(-1, 40)
+    assert len(tap.seen) == 2 and tap.screen == 0
+    torch.testing.assert_close(tap.seen[0], g2[::2].t() @ x2[::2], rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(tap.seen[0], wr.grad)  # not the full G: half the tokens
+    torch.testing.assert_close(tap.seen[1], wr.grad.reshape(-1)[sample], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(vs.grad, wr.grad.reshape(-1)[pos], rtol=1e-12, atol=1e-12)
 
 
 def test_plain_step_runs_no_weight_gradient_matmul():

@@ -121,3 +121,36 @@ def test_window_sums_take_the_slots_from_their_delta_gradients():
     torch.testing.assert_close(w.grad_sum(cand), 2.5 * G[cand])
     mean, mean_sq = w.seed_stats(cand)
     torch.testing.assert_close(mean_sq, (0.25 + 4) / 2 * G[cand] ** 2)
+
+
+def test_a_screening_window_chooses_from_the_screen_and_sums_the_full_gradients():
+    # seft.window_screen_stride: the candidates are those a full-G window would choose from the
+    # screening G, and the first step's full G enters the sums at them like a later step's
+    theta, G, slots, values, zeros = problem("random")
+    G = torch.nan_to_num(G)
+    screen = torch.randn(N, generator=torch.Generator().manual_seed(9))
+    full = open_window(delta(theta, slots, values, zeros, 0, N), "candidates", 50, False, True, None)
+    full.add(screen.clone())
+    d = delta(theta, slots, values, zeros, 0, N)
+    w = open_window(d, "candidates", 50, False, True, None, screen_stride=4)
+    assert not w.wants_dense() and w.screen_stride() == 4
+    w.choose(screen.clone())
+    assert w.screen_stride() == 0 and not w.wants_dense()  # chosen once per window
+    assert torch.equal(w.grow_candidates(), full.grow_candidates())
+    assert torch.equal(w.adapt_candidates(), full.adapt_candidates())
+    assert not w.step.any()  # the screen is not added
+    for scale, mult in ((0.5, 1.0), (1.0, 3.0)):
+        w.add_sampled(mult * G[w.sample_positions()])
+        w.end_step(scale, scale * mult * G[d.local_index()])
+    cand = w.grow_candidates()
+    torch.testing.assert_close(w.grad_sum(cand), 3.5 * G[cand])
+    assert w.steps == 2
+
+
+@pytest.mark.parametrize("n", [0, 8, 1003, 4096])
+@pytest.mark.parametrize("density", [0.0, 0.01, 0.5, 1.0])
+def test_word_search_finds_every_nonzero_byte(n, density):
+    g = torch.Generator().manual_seed(n)
+    code = ((torch.rand(n, generator=g) < density).to(torch.uint8)
+            | ((torch.rand(n, generator=g) < density).to(torch.uint8) << 1))
+    assert torch.equal(window._nonzero_pairs(code), torch.nonzero(code).reshape(-1))
