@@ -111,44 +111,30 @@ def topology_update(deltas: Sequence[SparseDelta], drop_fraction: float, seed_fn
     drop = select_topk([d.values.detach().abs() for d in deltas], [d.pos for d in deltas],
                        n_drop, largest=False, allreduce=allreduce)
 
-    # The window's entries (`window.pos`) hold every slot and candidate; grow and adapt find
-    # slots, candidates and sums by index into them (bool flags per entry), not by searching
-    # positions: ~10 searches of ~K positions per matrix fewer (seft/window.py, the index API).
-    slot_at = [d.window.slot_index() for d in deltas]  # each slot's entry, before any edit
-
     # GROW: the largest |Σ G| among candidates without a remaining slot
     cands = []
-    for d, dr, sa in zip(deltas, drop, slot_at):
-        w = d.window
-        free = torch.ones(len(w.sum), dtype=torch.bool, device=sa.device)
-        free[sa.masked_select(~dr)] = False
-        ci = w.grow_index()
-        ci = ci.masked_select(free.index_select(0, ci))
+    for d, dr in zip(deltas, drop):
+        cand = d.window.grow_candidates()
+        free = ~member(d.pos[~dr], cand + d.offset)
         if restricted:
-            ci = ci.masked_select(d.in_support(w.pos.index_select(0, ci)))
-        cands.append(ci)
-    grow = select_topk([d.window.sum.index_select(0, ci).abs() for d, ci in zip(deltas, cands)],
-                       [d.window.pos.index_select(0, ci) + d.offset for d, ci in zip(deltas, cands)],
-                       n_grow, True, allreduce)
+            free &= d.in_support(cand)
+        cands.append(cand[free])
+    grow = select_topk([d.window.grad_sum(c).abs() for d, c in zip(deltas, cands)],
+                       [c + d.offset for d, c in zip(deltas, cands)], n_grow, True, allreduce)
 
-    grown_at, local_stats, kept = [], [], []
-    for d, dr, sa, ci, gr in zip(deltas, drop, slot_at, cands, grow):
-        w = d.window
-        gi = ci.masked_select(gr)  # entries, increasing: positions sorted
-        was_slot = torch.zeros(len(w.sum), dtype=torch.bool, device=sa.device)
-        was_slot[sa] = True
-        again = was_slot.index_select(0, gi)  # dropped and regrown: the slot just stays
-        dr = dr.clone()
-        dr[torch.searchsorted(sa, gi.masked_select(again))] = False
-        gi = gi.masked_select(~again)
-        gidx = w.pos.index_select(0, gi)
-        reactivated = int((~d.in_support(gidx, slots=False)).sum())
-        kept.append((sa.masked_select(~dr), d.values.detach().masked_select(~dr)))  # remaining slots
+    grown_local, local_stats = [], []
+    for d, dr, c, gr in zip(deltas, drop, cands, grow):
+        grow_pos = c[gr] + d.offset  # sorted: candidates are
+        both = member(grow_pos, d.pos) & dr  # dropped and regrown: the slot just stays
+        dr = dr & ~both
+        grow_pos = grow_pos[~member(d.pos, grow_pos)]
+        gidx = grow_pos - d.offset
+        reactivated = int((~d.in_support(gidx)).sum())
         d.remove_slots(dr, merge_dropped)
-        mean, mean_sq = w.seed_at(gi)
-        d.add_slots(gidx + d.offset, *seed_fn(mean, mean_sq, w.steps), entering=reactivated)
-        grown_at.append(gi)
-        local_stats.append([int(dr.sum()), len(gi), reactivated])
+        mean, mean_sq = d.window.seed_stats(gidx)
+        d.add_slots(grow_pos, *seed_fn(mean, mean_sq, d.window.steps))
+        grown_local.append(gidx)
+        local_stats.append([int(dr.sum()), len(grow_pos), reactivated])
 
     # ADAPT: prune the overshoot |M| - B by the smallest sensitivity |W·Σ G| (or magnitude |W|)
     support_counts = _global([[d.support_count()] for d in deltas], allreduce)[:, 0]
@@ -159,22 +145,14 @@ def topology_update(deltas: Sequence[SparseDelta], drop_fraction: float, seed_fn
     pruned_counts = [0] * len(deltas)
     if any(e > 0 for e in excess):
         scores, cands = [], []
-        for d, gi, (rem_at, rem_val) in zip(deltas, grown_at, kept):
-            w = d.window
-            if criterion == "sensitivity":  # entries of the adapt set, not grown just now
-                grown = torch.zeros(len(w.sum), dtype=torch.bool, device=gi.device)
-                grown[gi] = True
-                ai = w.adapt_index()
-                ai = ai.masked_select(~grown.index_select(0, ai))
-                cand = w.pos.index_select(0, ai)
-                delta = torch.zeros(len(w.sum), dtype=torch.float32, device=gi.device)
-                delta[rem_at] = rem_val  # new slots hold δ = 0
-                weight = d.base.detach().index_select(0, cand).to(torch.float32) + delta.index_select(0, ai)
-                scores.append((weight * w.sum.index_select(0, ai)).abs())
-            else:  # every support position not grown just now
+        for d, gidx in zip(deltas, grown_local):
+            cand = d.window.adapt_candidates() if criterion == "sensitivity" else None
+            if cand is None:
                 cand = torch.nonzero(d.support()).reshape(-1)
-                cand = cand[~member(w.pos[gi], cand)]
-                scores.append(d.weights_at(cand).abs())
+            cand = cand[d.in_support(cand) & ~member(gidx, cand)]
+            w = d.weights_at(cand)
+            scores.append((w * d.window.grad_sum(cand)).abs()
+                          if criterion == "sensitivity" else w.abs())
             cands.append(cand)
         eligible = _global([[len(c)] for c in cands], allreduce)[:, 0]
         for d, e, n in zip(deltas, excess, eligible.tolist()):
