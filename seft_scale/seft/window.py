@@ -58,7 +58,7 @@ def _reaches_(scores: torch.Tensor, bound: Optional[float], largest: bool) -> to
     return (scores.ge_(bound) if largest else scores.le_(bound)).bool()
 
 
-def _nonzero_pairs(code: torch.Tensor) -> torch.Tensor:
+def nonzero_bytes(code: torch.Tensor) -> torch.Tensor:
     """Indices of the nonzero bytes of a contiguous uint8 tensor, sorted. Passing entries are
     rare (~1 % here): search the 8-byte words first, then only the words that hold one."""
     n = code.numel()
@@ -201,7 +201,7 @@ class CandidateWindow:
             code = code.view(torch.uint8)
             if adapt_m is not None:
                 code = code | (adapt_m.view(torch.uint8) << 1)
-            at = _nonzero_pairs(code)
+            at = nonzero_bytes(code)
             kind = code.index_select(0, at)
             grows.append(at[(kind & 1).bool()] + lo)
             if adapt_m is not None:

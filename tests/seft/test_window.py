@@ -153,4 +153,4 @@ def test_word_search_finds_every_nonzero_byte(n, density):
     g = torch.Generator().manual_seed(n)
     code = ((torch.rand(n, generator=g) < density).to(torch.uint8)
             | ((torch.rand(n, generator=g) < density).to(torch.uint8) << 1))
-    assert torch.equal(window._nonzero_pairs(code), torch.nonzero(code).reshape(-1))
+    assert torch.equal(window.nonzero_bytes(code), torch.nonzero(code).reshape(-1))
