@@ -15,7 +15,8 @@ slots + optimizer + mask, the G accumulator, and the peak of a training step, of
 step and of a topology update, each above the resident state. Seen (plan vs measured): resident
 state within 1 %; phase peaks within 5 %, except the FSDP window step, measured ~5 % above the plan
 at its peak, FSDP's backward-prefetch all-gather; we attribute that to gloo's all-gather staging
-the output in a flat copy, which NCCL does not make. With activation checkpointing the FSDP window
+the output in a flat copy, which NCCL does not make. The FSDP step is checked as an upper bound:
+whether that all-gather's output is alive at the step's peak depends on gloo's worker thread. With activation checkpointing the FSDP window
 step is ~11 % below the plan (checked as an upper bound within 15 %); the ZeRO-3 update is checked
 as an upper bound too (the plan's refresh line re-gathers the largest target).
 """
@@ -188,7 +189,7 @@ def test_formula_within_10_percent_of_measured(model_dir, backend, world, dtype,
             "step": plan.step_peak - resident, "window": plan.window_peak - resident,
             "scores": window_scores, "update": plan.update_peak - resident - window_scores}
     for rank, got in enumerate(harness.run_world(measure_worker, world, backend, model_dir, dtype, zero,
-                                                 checkpointing, scores)):
+                                                 checkpointing, scores, env={"TORCH_FR_BUFFER_SIZE": "0"})):
         print(f"{backend} W={world} {dtype} {scores} rank {rank}: " + ", ".join(
             f"{k} {got[k] / 1e6:.3f}/{v / 1e6:.3f} MB" for k, v in want.items()))
         for key, planned_bytes in want.items():
@@ -199,6 +200,12 @@ def test_formula_within_10_percent_of_measured(model_dir, backend, world, dtype,
                 # plan must still cover the update's own scratch
                 refresh = plan.get("ZeRO-3 refresh of a gathered target")
                 assert planned_bytes - refresh <= got[key] * 1.10 and got[key] <= planned_bytes * 1.10, msg
+            elif backend == "fsdp" and key == "step":
+                # an upper bound: the plan counts FSDP2's all-gather output (a true buffer under
+                # NCCL) at the backward prefetch; gloo fills it on its worker thread, so whether it
+                # is alive at the step's peak varies from run to run (13.9 or 15.9 MB measured at W=2)
+                buffer = plan.get("FSDP all-gather buffer")
+                assert planned_bytes - buffer <= got[key] * 1.10 and got[key] <= planned_bytes * 1.10, msg
             elif backend == "fsdp" and checkpointing and key == "window":
                 # the plan counts the recomputed layer's MLP gradients beside the window's dense G;
                 # at FSDP W=2 they are measured not to coexist: the plan is ~11 % above, on the safe side
