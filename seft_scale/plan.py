@@ -298,13 +298,14 @@ DENSE_WINDOW_B = 12  # DenseWindow: Σ G, Σ G² and the step's G, fp32, per wei
 # shards below selection.SAMPLE_MIN) and of one scan block (|G|, |θ·G|, masks); the top-k then runs
 # over the ~K entries that pass. Fitted at stride 1 (tests/distributed/test_plan_measured.py)
 CHOOSE_B = 2.5
-# Scratch of a topology update, one layer at a time, per candidate of the rank (the slots and the
-# non-slot candidates; per element of its shards with dense scores): the filtered candidates,
-# their global positions (int64), scores (fp32), masks and the k-th-value pre-filter; plus, per
-# slot of the layer and on every rank, the part that does not shrink with W (each rank keeps up to
-# k of its entries for the exact select). Fitted to CPU runs at 1-3 ranks
-# (tests/distributed/test_plan_measured.py): 14 B and 5 B
-UPDATE_B, UPDATE_RANK_B = 14, 5
+# Scratch of a topology update, one layer at a time, per window entry of the rank (the slots and
+# the non-slot candidates; per element of its shards with dense scores): the filtered entries,
+# their global positions (int64), scores (fp32), the select's keys and the k-th-value pre-filter
+# (the update's entry flags are one matrix's at a time); plus, per slot of the layer and on every
+# rank, the part that does not shrink with W (each rank keeps up to k of its entries for the exact
+# select). Fitted to CPU runs at 1-3 ranks and screen strides 1 and 4
+# (tests/distributed/test_plan_measured.py): 12.8 B and 3.6 B
+UPDATE_B, UPDATE_RANK_B = 12.8, 3.6
 DENSE_UPDATE_B = 22  # the same scratch per element of the shard with dense window scores (fitted alike)
 # LoRA's trainable state per value (LoRA line): parameter, gradient and two fp32 Adam moments, the
 # parameter kept in fp32 (PEFT casts adapters to fp32 under autocast; DeepSpeed/FSDP keep fp32

@@ -84,8 +84,8 @@ def test_shards_and_slots_by_hand():
     # candidates: grown = ceil(0.2·12·(1 + 2·12/36)) = 4, so 2·4 grow + 2·4 adapt non-slot ones;
     # per rank K/W = 3 slots of 21 + 8 B and 16/4 = 4 non-slot candidates of 21 + 16 B
     assert fsdp.get("window scores (candidates)") == 3 * (21 + 8) + 4 * (21 + 16)
-    # update: 14 B per candidate of the rank ((12 + 16)/4 = 7) + 5 B per slot of the layer (12)
-    assert zero.get("topology update scratch") == 14 * 7 + 5 * 12
+    # update: 12.8 B per window entry of the rank ((12 + 16)/4 = 7) + 3.6 B per slot of the layer (12)
+    assert zero.get("topology update scratch") == pytest.approx(12.8 * 7 + 3.6 * 12)
     dense = plan_memory(PlanInput(shape=shape, seft=dataclasses.replace(seft, window_scores="dense"),
                                   world=4, backend="fsdp", dtype="float32"))
     assert dense.get("window scores (dense)") == 2 * 6 * 12

@@ -104,10 +104,12 @@ class SparseDelta:
             self._support_count = int(self.support().sum())
         return self._support_count
 
-    def in_support(self, idx: torch.Tensor) -> torch.Tensor:
-        """Whether each local position of `idx` is in the support (no shard-sized transient)."""
+    def in_support(self, idx: torch.Tensor, slots: bool = True) -> torch.Tensor:
+        """Whether each local position of `idx` is in the support (no shard-sized transient);
+        slots=False: the caller knows that none of them holds a slot (no search of K)."""
         pos = idx + self.offset
-        return (self.base[idx] != 0) | member(self.pos, pos) | member(self.zeros, pos)
+        inside = (self.base[idx] != 0) | member(self.zeros, pos)
+        return inside | member(self.pos, pos) if slots else inside
 
     def weights_at(self, idx: torch.Tensor) -> torch.Tensor:
         """W = θ + S at local positions `idx`, fp32."""
@@ -142,23 +144,29 @@ class SparseDelta:
 
     def _set_slots(self, pos, values, exp_avg, exp_avg_sq, age) -> None:
         order = torch.argsort(pos)
-        self.pos = pos[order].contiguous()
-        self.values = values[order].detach().clone().requires_grad_(True)
-        self.exp_avg, self.exp_avg_sq, self.age = exp_avg[order], exp_avg_sq[order], age[order]
+        take = (lambda t: t.index_select(0, order))  # 4x faster than t[order] on CPU at K ~ 500K
+        self.pos = take(pos)
+        self.values = take(values.detach()).requires_grad_(True)
+        self.exp_avg, self.exp_avg_sq, self.age = take(exp_avg), take(exp_avg_sq), take(age)
 
     def keep_slots(self, keep: torch.Tensor) -> None:
         """Remove every slot where `keep` is False (what is kept stays sorted). A freed slot on a
         θ == 0 position that is not listed in `zeros` leaves the support: counted again."""
         self._support_count = None
-        self.pos = self.pos[keep]
-        self.values = self.values.detach()[keep].requires_grad_(True)
-        self.exp_avg, self.exp_avg_sq, self.age = self.exp_avg[keep], self.exp_avg_sq[keep], self.age[keep]
+        idx = torch.nonzero(keep).reshape(-1)  # once for the five arrays, each an index_select
+        take = (lambda t: t.index_select(0, idx))
+        self.pos = take(self.pos)
+        self.values = take(self.values.detach()).requires_grad_(True)
+        self.exp_avg, self.exp_avg_sq, self.age = take(self.exp_avg), take(self.exp_avg_sq), take(self.age)
 
     def add_slots(self, pos: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                  age: torch.Tensor) -> None:
-        """New slots at `pos` (must be free), δ = 0, with the given optimizer state."""
+                  age: torch.Tensor, entering: Optional[int] = None) -> None:
+        """New slots at `pos` (must be free), δ = 0, with the given optimizer state; `entering`:
+        how many of them lie outside the support, if the caller has counted it."""
         if self._support_count is not None:
-            self._support_count += int((~self.in_support(pos - self.offset)).sum())
+            if entering is None:
+                entering = int((~self.in_support(pos - self.offset, slots=False)).sum())
+            self._support_count += entering
         self._set_slots(torch.cat([self.pos, pos]),
                         torch.cat([self.values.detach(), torch.zeros(len(pos), device=pos.device)]),
                         torch.cat([self.exp_avg, exp_avg]), torch.cat([self.exp_avg_sq, exp_avg_sq]),

@@ -111,30 +111,23 @@ def topology_update(deltas: Sequence[SparseDelta], drop_fraction: float, seed_fn
     drop = select_topk([d.values.detach().abs() for d in deltas], [d.pos for d in deltas],
                        n_drop, largest=False, allreduce=allreduce)
 
-    # GROW: the largest |Σ G| among candidates without a remaining slot
-    cands = []
-    for d, dr in zip(deltas, drop):
-        cand = d.window.grow_candidates()
-        free = ~member(d.pos[~dr], cand + d.offset)
-        if restricted:
-            free &= d.in_support(cand)
-        cands.append(cand[free])
-    grow = select_topk([d.window.grad_sum(c).abs() for d, c in zip(deltas, cands)],
-                       [c + d.offset for d, c in zip(deltas, cands)], n_grow, True, allreduce)
+    # The window's entries (`window.pos`) hold every slot and candidate; grow and adapt find
+    # slots, candidates and sums by index into them (bool flags per entry), not by searching
+    # positions: ~10 searches of ~K positions per matrix fewer (seft/window.py, the index API).
+    # The per-matrix steps are functions so that their entry-sized flags die with each call.
+    slot_at = [d.window.slot_index() for d in deltas]  # each slot's entry, before any edit
 
-    grown_local, local_stats = [], []
-    for d, dr, c, gr in zip(deltas, drop, cands, grow):
-        grow_pos = c[gr] + d.offset  # sorted: candidates are
-        both = member(grow_pos, d.pos) & dr  # dropped and regrown: the slot just stays
-        dr = dr & ~both
-        grow_pos = grow_pos[~member(d.pos, grow_pos)]
-        gidx = grow_pos - d.offset
-        reactivated = int((~d.in_support(gidx)).sum())
-        d.remove_slots(dr, merge_dropped)
-        mean, mean_sq = d.window.seed_stats(gidx)
-        d.add_slots(grow_pos, *seed_fn(mean, mean_sq, d.window.steps))
-        grown_local.append(gidx)
-        local_stats.append([int(dr.sum()), len(grow_pos), reactivated])
+    # GROW: the largest |Σ G| among candidates without a remaining slot
+    cands = [_grow_entries(d, dr, sa, restricted) for d, dr, sa in zip(deltas, drop, slot_at)]
+    grow = select_topk([d.window.sum.index_select(0, ci).abs() for d, ci in zip(deltas, cands)],
+                       [d.window.pos.index_select(0, ci) + d.offset for d, ci in zip(deltas, cands)],
+                       n_grow, True, allreduce)
+    grown_at, local_stats = [], []
+    for d, dr, sa, ci, gr in zip(deltas, drop, slot_at, cands, grow):
+        gi, row = _drop_and_grow(d, dr, sa, ci.masked_select(gr), seed_fn, merge_dropped)
+        grown_at.append(gi)
+        local_stats.append(row)
+    del cands, grow, drop, slot_at
 
     # ADAPT: prune the overshoot |M| - B by the smallest sensitivity |W·Σ G| (or magnitude |W|)
     support_counts = _global([[d.support_count()] for d in deltas], allreduce)[:, 0]
@@ -144,16 +137,7 @@ def topology_update(deltas: Sequence[SparseDelta], drop_fraction: float, seed_fn
             raise AssertionError(f"{d.name}: support {d.budget + e} vs budget {d.budget}")
     pruned_counts = [0] * len(deltas)
     if any(e > 0 for e in excess):
-        scores, cands = [], []
-        for d, gidx in zip(deltas, grown_local):
-            cand = d.window.adapt_candidates() if criterion == "sensitivity" else None
-            if cand is None:
-                cand = torch.nonzero(d.support()).reshape(-1)
-            cand = cand[d.in_support(cand) & ~member(gidx, cand)]
-            w = d.weights_at(cand)
-            scores.append((w * d.window.grad_sum(cand)).abs()
-                          if criterion == "sensitivity" else w.abs())
-            cands.append(cand)
+        cands, scores = zip(*[_adapt_scores(d, gi, criterion) for d, gi in zip(deltas, grown_at)])
         eligible = _global([[len(c)] for c in cands], allreduce)[:, 0]
         for d, e, n in zip(deltas, excess, eligible.tolist()):
             if n < e:  # the window's candidate sizes rule this out; a bug if it happens
@@ -170,6 +154,59 @@ def topology_update(deltas: Sequence[SparseDelta], drop_fraction: float, seed_fn
         stats.adapt_pruned[d.name] = row[3]
         d.window = None
     return stats
+
+
+def _grow_entries(d: SparseDelta, dropped: torch.Tensor, slot_at: torch.Tensor,
+                  restricted: bool) -> torch.Tensor:
+    """The grow set's entries without a remaining slot (inside the support if `restricted`)."""
+    w = d.window
+    free = torch.ones(len(w.sum), dtype=torch.bool, device=slot_at.device)
+    free[slot_at.masked_select(~dropped)] = False
+    ci = w.grow_index()
+    ci = ci.masked_select(free.index_select(0, ci))
+    if restricted:
+        ci = ci.masked_select(d.in_support(w.pos.index_select(0, ci)))
+    return ci
+
+
+def _drop_and_grow(d: SparseDelta, dropped: torch.Tensor, slot_at: torch.Tensor, gi: torch.Tensor,
+                   seed_fn: SeedFn, merge_dropped: bool) -> tuple[torch.Tensor, list[int]]:
+    """Free the dropped slots and fill the grown entries `gi` (increasing); a slot both dropped and
+    regrown just stays. Returns the entries grown anew and [dropped, grown, reactivated]."""
+    w = d.window
+    was_slot = torch.zeros(len(w.sum), dtype=torch.bool, device=slot_at.device)
+    was_slot[slot_at] = True
+    again = was_slot.index_select(0, gi)
+    dropped = dropped.clone()
+    dropped[torch.searchsorted(slot_at, gi.masked_select(again))] = False
+    gi = gi.masked_select(~again)
+    gidx = w.pos.index_select(0, gi)
+    reactivated = int((~d.in_support(gidx, slots=False)).sum())
+    d.remove_slots(dropped, merge_dropped)
+    mean, mean_sq = w.seed_at(gi)
+    d.add_slots(gidx + d.offset, *seed_fn(mean, mean_sq, w.steps), entering=reactivated)
+    return gi, [int(dropped.sum()), len(gi), reactivated]
+
+
+def _adapt_scores(d: SparseDelta, grown_at: torch.Tensor, criterion: str
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(local positions, scores) adapt may prune: support positions not grown just now, scored by
+    |W·Σ G| over the window's adapt set, or by |W| over the whole support (magnitude)."""
+    w = d.window
+    if criterion != "sensitivity":
+        cand = torch.nonzero(d.support()).reshape(-1)
+        cand = cand[~member(w.pos[grown_at], cand)]
+        return cand, d.weights_at(cand).abs()
+    grown = torch.zeros(len(w.sum), dtype=torch.bool, device=grown_at.device)
+    grown[grown_at] = True
+    ai = w.adapt_index()
+    ai = ai.masked_select(~grown.index_select(0, ai))
+    cand = w.pos.index_select(0, ai)
+    # δ per entry: every slot now (kept or grown) is an entry, so one search of K
+    delta = torch.zeros(len(w.sum), dtype=torch.float32, device=grown_at.device)
+    delta[torch.searchsorted(w.pos, d.local_index())] = d.values.detach()
+    weight = d.base.detach().index_select(0, cand).to(torch.float32) + delta.index_select(0, ai)
+    return cand, (weight * w.sum.index_select(0, ai)).abs()
 
 
 def check_budget(deltas: Sequence[SparseDelta], allreduce: Optional[Allreduce] = None,

@@ -67,6 +67,7 @@ class DenseWindow:
     """fp32 sums over the whole shard."""
 
     def __init__(self, d: SparseDelta):
+        self.d = d
         self.sum = torch.zeros(d.length, dtype=torch.float32, device=d.base.device)
         self.sumsq = torch.zeros_like(self.sum)
         self.step = torch.zeros_like(self.sum)
@@ -90,19 +91,30 @@ class DenseWindow:
         self.step.zero_()
         self.steps += 1
 
-    def grow_candidates(self) -> torch.Tensor:
+    # the index API topology updates use: entries are the shard's local positions themselves
+    @property
+    def pos(self) -> torch.Tensor:
         return torch.arange(len(self.sum), device=self.sum.device)
+
+    def slot_index(self) -> torch.Tensor:
+        return self.d.local_index()
+
+    def grow_index(self) -> torch.Tensor:
+        return self.pos
+
+    def adapt_index(self) -> torch.Tensor:
+        return torch.nonzero(self.d.support()).reshape(-1)
+
+    def grow_candidates(self) -> torch.Tensor:
+        return self.pos[self.grow_index()]
 
     def adapt_candidates(self) -> Optional[torch.Tensor]:
-        return torch.arange(len(self.sum), device=self.sum.device)
+        return self.pos[self.adapt_index()]
 
-    def grad_sum(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.sum[idx]
-
-    def seed_stats(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean gradient and mean squared gradient per step at local positions `idx`."""
+    def seed_at(self, i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean gradient and mean squared gradient per step at entries `i`."""
         n = max(self.steps, 1)
-        return self.sum[idx] / n, self.sumsq[idx] / n
+        return self.sum.index_select(0, i) / n, self.sumsq.index_select(0, i) / n
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"sum": self.sum, "sumsq": self.sumsq, "steps": torch.tensor([self.steps])}
@@ -264,20 +276,30 @@ class CandidateWindow:
         self.step.zero_()
         self.steps += 1
 
+    # the index API topology updates use (seft/topology.py): an entry is an index into `pos`, so
+    # the update finds slots, candidates and sums by indexing, not by searching positions
+    def slot_index(self) -> torch.Tensor:
+        """Where each slot (sorted) sits in `pos`: increasing."""
+        return self.slot_at
+
+    def grow_index(self) -> torch.Tensor:
+        return torch.nonzero(self.sets & self.GROW).reshape(-1)
+
+    def adapt_index(self) -> torch.Tensor:
+        """The adapt set (sensitivity only), all in the support: chosen there, and drop and grow
+        never take a position out of it."""
+        return torch.nonzero(self.sets & self.ADAPT).reshape(-1)
+
     def grow_candidates(self) -> torch.Tensor:
-        return self.pos[(self.sets & self.GROW) != 0]
+        return self.pos[self.grow_index()]
 
     def adapt_candidates(self) -> Optional[torch.Tensor]:
-        return self.pos[(self.sets & self.ADAPT) != 0] if self.sensitivity else None
+        return self.pos[self.adapt_index()] if self.sensitivity else None
 
-    def grad_sum(self, idx: torch.Tensor) -> torch.Tensor:
-        """Σ G at local positions `idx`, which must be candidates (of either set: one array)."""
-        return self.sum[torch.searchsorted(self.pos, idx)]
-
-    def seed_stats(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        at = torch.searchsorted(self.pos, idx)
+    def seed_at(self, i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean gradient and mean squared gradient per step at entries `i`."""
         n = max(self.steps, 1)
-        return self.sum[at] / n, self.sumsq[at] / n
+        return self.sum.index_select(0, i) / n, self.sumsq.index_select(0, i) / n
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.pos is None:

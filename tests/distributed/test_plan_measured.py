@@ -124,9 +124,10 @@ def measure_worker(rank, world, backend_name, model_dir, dtype="float32", zero=N
 
 
 def window_tensors(window):
-    """The tensors a window's scores keep (seft/window.py)."""
+    """The tensors a window's scores keep (seft/window.py): its own attributes, not properties
+    (DenseWindow.pos builds its positions when asked)."""
     names = ("sum", "sumsq", "step", "pos", "sets", "slot_at", "sampled_at", "sampled")
-    return [t for t in (getattr(window, n, None) for n in names) if isinstance(t, torch.Tensor)]
+    return [t for t in (vars(window).get(n) for n in names) if isinstance(t, torch.Tensor)]
 
 
 @pytest.fixture(scope="module")

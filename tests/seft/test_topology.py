@@ -199,7 +199,7 @@ def test_window_seeds_use_the_mean_square_on_the_clipped_scale():
     for g, scale in ((torch.tensor([0.0, 0.0, 4.0, 0.0]), 0.5), (torch.tensor([0.0, 0.0, -2.0, 0.0]), 1.0)):
         d.window.add(g)
         d.window.end_step(scale)
-    mean, mean_sq = d.window.seed_stats(torch.tensor([2]))
+    mean, mean_sq = d.window.seed_at(torch.tensor([2]))  # dense: entries are positions
     assert mean.tolist() == [0.0] and mean_sq.tolist() == [4.0]  # (2 + -2)/2, (4 + 4)/2
 
 
@@ -223,8 +223,10 @@ def test_candidate_windows_sum_like_dense_ones_at_their_candidates():
             cand.window.add_sampled(G[cand.window.sample_positions()])
         dense.window.end_step(0.5)
         cand.window.end_step(0.5)
-    for idx in (cand.window.grow_candidates(), cand.window.adapt_candidates()):
-        torch.testing.assert_close(cand.window.grad_sum(idx), dense.window.grad_sum(idx))
-    idx = cand.window.grow_candidates()
-    for a, b in zip(cand.window.seed_stats(idx), dense.window.seed_stats(idx)):
+    w = cand.window
+    for i in (w.grow_index(), w.adapt_index()):
+        torch.testing.assert_close(w.sum[i], dense.window.sum[w.pos[i]])
+    i = w.grow_index()
+    assert torch.equal(w.pos[w.slot_index()], cand.local_index())
+    for a, b in zip(w.seed_at(i), dense.window.seed_at(w.pos[i])):
         torch.testing.assert_close(a, b)

@@ -117,9 +117,10 @@ def test_window_sums_take_the_slots_from_their_delta_gradients():
     assert not bool(member(slots, w.sample_positions()).any())
     w.add_sampled(2 * G[w.sample_positions()])
     w.end_step(1.0, 2 * G[slots])
-    cand = w.grow_candidates()
-    torch.testing.assert_close(w.grad_sum(cand), 2.5 * G[cand])
-    mean, mean_sq = w.seed_stats(cand)
+    i = w.grow_index()
+    cand = w.pos[i]
+    torch.testing.assert_close(w.sum[i], 2.5 * G[cand])
+    mean, mean_sq = w.seed_at(i)
     torch.testing.assert_close(mean_sq, (0.25 + 4) / 2 * G[cand] ** 2)
 
 
@@ -142,8 +143,8 @@ def test_a_screening_window_chooses_from_the_screen_and_sums_the_full_gradients(
     for scale, mult in ((0.5, 1.0), (1.0, 3.0)):
         w.add_sampled(mult * G[w.sample_positions()])
         w.end_step(scale, scale * mult * G[d.local_index()])
-    cand = w.grow_candidates()
-    torch.testing.assert_close(w.grad_sum(cand), 3.5 * G[cand])
+    i = w.grow_index()
+    torch.testing.assert_close(w.sum[i], 3.5 * G[w.pos[i]])
     assert w.steps == 2
 
 
