@@ -183,15 +183,14 @@ class SeftConfig:
     window_candidates: float = 2.0
     """Non-slot grow candidates per slot the update grows (>= 1; adapt takes at least 2 per
     grown slot, enough for any overshoot). Each later window step samples G at all of them."""
-    window_screen_stride: int = 1
+    window_screen_stride: int = 4
     """Candidates window only: choose the non-slot candidates from the G of every s-th token of
     the window's first micro-batch (s = this), a dense matmul 1/s the size of the full weight
     gradient; that micro-batch's G then enters the sums at the candidates exactly, sampled at all
     its tokens like the later steps'. 1: from the full G (which then is the step's G). 4 saves
-    ~0.3 of a LoRA step per window at Llama-2-7B's layers (README's benchmark) and repaired the
-    demo model as well as 1 did at 50% and 70% (README's Results, within seed spread); it is not
-    the default yet because launch/plan.py does not model its topology-update memory at FSDP2
-    world sizes >= 2 (measured ~2x the plan's line in tests/distributed/test_plan_measured.py)."""
+    ~0.2 of a LoRA step per window at Llama-2-7B's layers (README's benchmark) and repaired the
+    demo model as well as 1 did at Wanda 50% (3 seeds) and 70% (2 seeds), within seed spread
+    (README's Results)."""
     drop_rate: float = 0.2
     """p0: fraction of the K slots dropped and regrown at the first update."""
     drop_schedule: Literal["cosine", "linear", "constant"] = "cosine"

@@ -10,9 +10,9 @@ Two ways to keep them (`seft.window_scores`):
 
 * ``candidates`` (default): every slot is a candidate (its G is its δ-gradient, which the
   kernel computes anyway), and at the window's first micro-batch every target adds bounded
-  non-slot sets chosen by an exact global top-k of that micro-batch's G (or of the G of every
-  s-th of its tokens, seft.window_screen_stride = s, which is then sampled in full at the chosen
-  positions): the c·n_grow positions
+  non-slot sets chosen by an exact global top-k of that micro-batch's G (by default of the G of
+  every 4th of its tokens, seft.window_screen_stride, which is then sampled in full at the
+  chosen positions): the c·n_grow positions
   of largest |G| for grow (c = seft.window_candidates; the approach of SpIEL's SftSelector,
   Ansell et al. 2024) and, when adapt ranks by sensitivity, the max(c, 2)·n_grow support
   positions of smallest |θ·G|. G (and G²) is summed over the window at those positions only:
