@@ -22,7 +22,7 @@ Also the gather_cost_ratio of seft.kernel: auto (sampled multiply-add vs matmul 
 --shape tiny (hidden 256) is for checking the script itself in seconds (launch/gpu_check.sh's CPU
 mode). On CUDA every clock read waits for the device first (torch.cuda.synchronize).
 
-Measured on 2 AVX2 cores (2026-12-01): README's benchmark section has the table.
+Measured on 2 AVX2 cores (2026-12-02): README's benchmark section has the table.
 """
 import argparse
 import copy
