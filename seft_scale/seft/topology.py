@@ -127,7 +127,7 @@ def topology_update(deltas: Sequence[SparseDelta], drop_fraction: float, seed_fn
         gi, row = _drop_and_grow(d, dr, sa, ci.masked_select(gr), seed_fn, merge_dropped)
         grown_at.append(gi)
         local_stats.append(row)
-    del cands, grow, drop, slot_at
+    del cands, grow, drop, slot_at  # freed before adapt builds its scores
 
     # ADAPT: prune the overshoot |M| - B by the smallest sensitivity |W·Σ G| (or magnitude |W|)
     support_counts = _global([[d.support_count()] for d in deltas], allreduce)[:, 0]
@@ -202,11 +202,7 @@ def _adapt_scores(d: SparseDelta, grown_at: torch.Tensor, criterion: str
     ai = w.adapt_index()
     ai = ai.masked_select(~grown.index_select(0, ai))
     cand = w.pos.index_select(0, ai)
-    # δ per entry: every slot now (kept or grown) is an entry, so one search of K
-    delta = torch.zeros(len(w.sum), dtype=torch.float32, device=grown_at.device)
-    delta[torch.searchsorted(w.pos, d.local_index())] = d.values.detach()
-    weight = d.base.detach().index_select(0, cand).to(torch.float32) + delta.index_select(0, ai)
-    return cand, (weight * w.sum.index_select(0, ai)).abs()
+    return cand, (d.weights_at(cand) * w.sum.index_select(0, ai)).abs()
 
 
 def check_budget(deltas: Sequence[SparseDelta], allreduce: Optional[Allreduce] = None,

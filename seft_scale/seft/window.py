@@ -141,9 +141,9 @@ class CandidateWindow:
         self.steps = 0
 
     def choose(self, g: torch.Tensor) -> None:
-        """The non-slot candidates from the first micro-batch's G (or a screening G, which is not
-        added: its scale does not change what is chosen) (every rank calls it for the
-        same matrix in the same backward, so the exact global top-k can all-reduce): the grow_k
+        """The non-slot candidates from the first micro-batch's G, or from a screening G (not
+        added: its scale does not change what is chosen). Every rank calls it for the
+        same matrix in the same backward, so the exact global top-k can all-reduce. Chosen: the grow_k
         of largest |G| (inside the support if restricted) and the adapt_k support positions of
         smallest |θ·G|. Both come from one pass over the shard in cache-sized blocks that keeps
         only the scores reaching a bound taken from a strided sample (seft/selection.py): G and
@@ -235,7 +235,6 @@ class CandidateWindow:
         """s > 0: the next backward chooses the candidates from the G of every s-th token
         (`choose`), then samples its full G at them; 0: nothing to choose."""
         return self.stride if self.pos is None and self.stride > 1 else 0
-
 
     def _index_samples(self, slot_at: Optional[torch.Tensor] = None) -> None:
         """The positions the kernel samples (the non-slot candidates) and where they and the
