@@ -12,7 +12,10 @@ config's train.lr). `--sweep lr` runs each method over a small grid (default: th
 GRID_FACTORS, a half-decade either side) and keeps the learning rate with the lowest loss on the
 run's validation split (data.val_fraction of the training source, or data.validation) — never
 on the held-out texts of the table (eval.ppl_data), so the table reports what the choice did not
-see. `--seeds N` repeats the chosen setting with N seeds (train.seed, data.seed, seft.init_seed
+see. A best learning rate at the edge of its grid is followed outward (`next_lr`) until a worse or
+failed point brackets it: a best at the edge says only that the optimum lies further out, and a
+baseline compared at the edge of its grid is compared under-tuned (every baseline's best lay beyond
+the default grid in README's 5,120-token runs). `--seeds N` repeats the chosen setting with N seeds (train.seed, data.seed, seft.init_seed
 shifted by 1..N-1; the sweep itself runs on the first seed) and reports mean ± sample standard
 deviation. `--ablations` adds SEFT rows with config switches, each at SEFT's chosen learning rate.
 
@@ -58,6 +61,8 @@ DEFAULT_METHODS = ("none", "static", "lora_star", "sqft", "spp", "seft")
 TRAINED = tuple(m for m in METHODS if m != "none")
 # --sweep lr: the default learning rate times these (half a decade either side).
 GRID_FACTORS = (10 ** -0.5, 1.0, 10 ** 0.5)
+# --sweep lr: at most this many points added per method while its best lies at an edge of the grid
+GRID_EXTENSIONS = 3
 # Config switches an ablation row may set (SEFT's; any seft.* key is accepted).
 SWEEPS = ("lr",)
 TRAIN = [sys.executable, "-m", "seft_scale.cli.train"]
@@ -346,6 +351,17 @@ def choose_lr(results: list[dict]) -> Optional[float]:
     return min(ok, key=lambda r: r["val_loss"])["lr"] if ok else None
 
 
+def next_lr(grid: list[float], best: Optional[float]) -> Optional[float]:
+    """The next learning rate out when `best` is the largest or smallest of `grid` (one step on,
+    the step being the ratio of the two outermost points on that side, 3 significant digits);
+    None when `best` lies inside the grid or there is no grid."""
+    g = sorted(grid)
+    if best is None or len(g) < 2 or g[0] < best < g[-1]:
+        return None
+    edge, inner = (g[-1], g[-2]) if best == g[-1] else (g[0], g[1])
+    return float(f"{edge * edge / inner:.3g}")
+
+
 def mean_sd(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
             "n": len(values), "values": values}
@@ -356,7 +372,7 @@ def summarize_row(row: Row) -> dict:
     results = [t.result for t in row.trials]
     chosen = [r for r in results if r["lr"] == row.chosen_lr]
     out = {"label": row.label, "method": row.method, "switches": row.switches,
-           "grid": [r["lr"] for r in results if r["seed"] == 0] if row.method != "none" else [],
+           "grid": sorted(r["lr"] for r in results if r["seed"] == 0) if row.method != "none" else [],
            "lr": row.chosen_lr, "trainable": row.trainable, "trials": results,
            "sweep": {f"{r['lr']:.3g}": r.get("val_loss") for r in results if r["seed"] == 0
                      and r["lr"] is not None}}
@@ -557,6 +573,13 @@ def compare(config: str, output_dir: str | Path, methods: list[str], lrs: dict[s
             row.grid = [chosen_seft] if chosen_seft is not None else []
         first = [run(row, lr, 0) for lr in row.grid]
         row.chosen_lr = first[0]["lr"] if len(first) == 1 else choose_lr(first)
+        for _ in range(GRID_EXTENSIONS if sweep and len(row.grid) > 1 else 0):
+            lr = next_lr(row.grid, row.chosen_lr)  # the best at an edge: one step further out
+            if lr is None or lr in row.grid:
+                break
+            row.grid.append(lr)
+            first.append(run(row, lr, 0))
+            row.chosen_lr = choose_lr(first)
         if row.method == "seft" and not row.switches:
             chosen_seft = row.chosen_lr
         if row.chosen_lr is not None or row.method == "none":

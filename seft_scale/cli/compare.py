@@ -16,7 +16,9 @@ Learning rates: each method's paper value (static 5e-5, lora_star 1e-4, sqft 3e-
 the config's train.lr), or --lr method=value. --sweep lr runs each trained method over a grid
 (default: its learning rate x 10^-0.5, 1, 10^0.5; --grid sets one per method) and keeps the one
 with the lowest validation loss (data.val_fraction / data.validation, train.eval_batches > 0):
-the held-out texts of eval.ppl_data never take part in the choice. --seeds N repeats each chosen
+the held-out texts of eval.ppl_data never take part in the choice. A best at the grid's edge is
+followed outward one grid step at a time (at most 3 more runs per method) until a worse or failed
+point brackets it. --seeds N repeats each chosen
 setting with N seeds (mean ± sd). --ablations: one SEFT row per comma-separated item, switches of
 one row joined by '+', each at SEFT's chosen learning rate.
 

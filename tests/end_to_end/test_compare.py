@@ -192,6 +192,38 @@ def test_sweep_seeds_and_ablations(tiny_yaml, tmp_path, monkeypatch, capsys):
     assert main(["--render", str(tmp_path)]) == 2 and "holds no compare.json" in capsys.readouterr().err
 
 
+def test_sweep_follows_a_best_at_the_grid_edge(tiny_yaml, tmp_path, monkeypatch, capsys):
+    """A best at the edge of its grid is followed outward by the grid's own step until a worse point
+    brackets it (static upward, seft downward), a failed point also brackets, and at most
+    GRID_EXTENSIONS points are added (lora_star, whose optimum lies far out, stays at the new edge)."""
+    best = {"static": 1e-4, "seft": 3e-3, "lora_star": 1.0, "sqft": 1.0}
+
+    def fake_run(trial, config, start, run_dir, log):
+        return {"returncode": 0, "wall_s": 1.0, "peak_rss_mib": 200.0, "run_dir": str(run_dir), "log": str(log)}
+
+    def fake_read(trial, res):
+        lr = trial.lr
+        failed = trial.method == "sqft" and lr > 2e-3  # diverges above 2e-3
+        return {"lr": lr, "seed": trial.seed, "status": "failed" if failed else "ok", "reason": "diverged", **res,
+                "ppl": {"heldout": 10.0}, "val_loss": 2.0 + abs(math.log10(lr / best[trial.method])),
+                "lm_eval": {}, "train_time_s": 1.0, "sparsity": 0.5, "nnz": 10, "budget": 10,
+                "exact_budget": True, "nm_valid": None, "tokens_seen": 1}
+    monkeypatch.setattr(compare_mod, "run_trial", fake_run)
+    monkeypatch.setattr(compare_mod, "read_trial", fake_read)
+    out = tmp_path / "cmp"
+    main(["--config", tiny_yaml, "--output-dir", str(out), "--methods", "static,seft,lora_star,sqft",
+          "--sweep", "lr", "--grid", "static=1e-5,3e-5;seft=1e-2,3e-2;lora_star=1e-7,1e-6;sqft=3e-4,1e-3",
+          "data.val_fraction=0.05", *FAST])
+    rows = {r["label"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
+    assert rows["static"]["grid"] == [1e-5, 3e-5, 9e-5, 2.7e-4] and rows["static"]["lr"] == 9e-5
+    assert rows["seft"]["grid"] == [1.11e-3, 3.33e-3, 1e-2, 3e-2] and rows["seft"]["lr"] == 3.33e-3
+    assert rows["lora_star"]["grid"] == [1e-7, 1e-6, 1e-5, 1e-4, 1e-3] and rows["lora_star"]["lr"] == 1e-3
+    assert compare_mod.GRID_EXTENSIONS == 3
+    assert rows["sqft"]["grid"] == [3e-4, 1e-3, 3.33e-3] and rows["sqft"]["lr"] == 1e-3
+    assert compare_mod.next_lr([1e-3], 1e-3) is None and compare_mod.next_lr([1e-3, 2e-3], None) is None
+    assert compare_mod.next_lr([1e-3, 2e-3, 4e-3], 2e-3) is None
+
+
 def test_an_interrupted_comparison_ends_its_trial(tmp_path, monkeypatch):
     events = []
 
