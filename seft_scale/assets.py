@@ -297,15 +297,24 @@ def next_sentence_items(text: str) -> list[dict]:
     return items
 
 
-def task_yaml(name: str, data_file: Path) -> str:
-    """An lm-eval 0.4 multiple-choice task over a local JSONL file (no hub): acc and acc_norm."""
-    return (f"# Built by seft_scale/assets.py from {BOTCHAN_MEMBER}; offline (datasets' json builder).\n"
+# what an lm-eval 0.4 task YAML says per output type: the prompt, the answer, the metrics
+TASK_KINDS = {
+    "multiple_choice": ("doc_to_text: \"{{context}}\"\ndoc_to_choice: choices\ndoc_to_target: label\n",
+                        ("acc", "mean", "true"), ("acc_norm", "mean", "true")),
+    "loglikelihood": ("doc_to_text: \"{{context}}\"\ndoc_to_target: \"{{target}}\"\ntarget_delimiter: \"\"\n",
+                      ("acc", "mean", "true"), ("perplexity", "perplexity", "false")),
+}
+
+
+def task_yaml(name: str, data_file: Path, kind: str = "multiple_choice", source: str = BOTCHAN_MEMBER) -> str:
+    """An lm-eval 0.4 task over a local JSONL file (no hub): multiple choice (acc, acc_norm) or
+    loglikelihood of a target (acc: the greedy continuation is the target; perplexity)."""
+    fields, *metrics = TASK_KINDS[kind]
+    return (f"# Built by seft_scale/assets.py from {source}; offline (datasets' json builder).\n"
             f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data_file}\n"
-            "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{context}}\"\n"
-            "doc_to_choice: choices\ndoc_to_target: label\nmetric_list:\n"
-            "  - {metric: acc, aggregation: mean, higher_is_better: true}\n"
-            "  - {metric: acc_norm, aggregation: mean, higher_is_better: true}\n"
-            "metadata: {version: 0}\n")
+            f"test_split: test\noutput_type: {kind}\n{fields}metric_list:\n"
+            + "".join(f"  - {{metric: {m}, aggregation: {a}, higher_is_better: {h}}}\n" for m, a, h in metrics)
+            + "metadata: {version: 0}\n")
 
 
 def botchan_texts() -> Path:
@@ -362,17 +371,6 @@ def last_word_items(text: str) -> list[dict]:
     return items
 
 
-def task_yaml_cloze(name: str, data_file: Path, source: str) -> str:
-    """An lm-eval 0.4 loglikelihood task over a local JSONL file (no hub): acc and perplexity."""
-    return (f"# Built by seft_scale/assets.py from {source}; offline (datasets' json builder).\n"
-            f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data_file}\n"
-            "test_split: test\noutput_type: loglikelihood\ndoc_to_text: \"{{context}}\"\n"
-            "doc_to_target: \"{{target}}\"\ntarget_delimiter: \"\"\nmetric_list:\n"
-            "  - {metric: acc, aggregation: mean, higher_is_better: true}\n"
-            "  - {metric: perplexity, aggregation: perplexity, higher_is_better: false}\n"
-            "metadata: {version: 0}\n")
-
-
 def lastword_tasks() -> Path:
     """Folder of the LASTWORD_SOURCES tasks: <name>.jsonl and <name>.yaml each (the YAML names
     the JSONL by its final path)."""
@@ -389,7 +387,7 @@ def lastword_tasks() -> Path:
                                  f"{LASTWORD_SHA256[name]}: the item rule changed; update the constant on purpose")
             (tmp / f"{name}.jsonl").write_text(jsonl, encoding="utf-8")
             (tmp / f"{name}.yaml").write_text(
-                task_yaml_cloze(name, final / f"{name}.jsonl", src.name), encoding="utf-8")
+                task_yaml(name, final / f"{name}.jsonl", "loglikelihood", src.name), encoding="utf-8")
 
     return build_atomically(final, build)
 

@@ -15,8 +15,8 @@ on the held-out texts of the table (eval.ppl_data), so the table reports what th
 see. A best learning rate at the edge of its grid is followed outward (`next_lr`) until a worse or
 failed point brackets it: a best at the edge says only that the optimum lies further out, and a
 baseline compared at the edge of its grid is compared under-tuned (every baseline's best lay beyond
-the default grid in README's 5,120-token runs). `--seeds N` repeats the chosen setting with N seeds (train.seed, data.seed, seft.init_seed
-shifted by 1..N-1; the sweep itself runs on the first seed) and reports mean ± sample standard
+the default grid in README's 5,120-token runs). `--seeds N` repeats the chosen setting with N
+seeds (train.seed, data.seed, seft.init_seed shifted by 1..N-1; the sweep itself runs on the first seed) and reports mean ± sample standard
 deviation. `--ablations` adds SEFT rows with config switches, each at SEFT's chosen learning rate.
 
 Measured per run, and how:
