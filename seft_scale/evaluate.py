@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -138,6 +139,15 @@ def load_tasks(tasks: Sequence, include_path: Optional[str | Path] = None) -> li
     return built
 
 
+# Draws of lm-eval's bootstrap standard error for metrics without a closed form (perplexity and
+# the like; acc's stderr is closed-form and unaffected). lm-eval's default is 100,000 draws in a
+# fork()ed multiprocessing.Pool; forked from a process that holds torch's threads, a pool worker
+# can block forever on a lock held at fork time (seen here: a test stuck for 11 minutes on a
+# SemLock inside bootstrap_stderr). So the bootstrap runs in-process (lm-eval's DISABLE_MULTIPROC
+# switch) with 1,000 draws: well under a second for a few hundred items.
+BOOTSTRAP_ITERS = 1000
+
+
 def run_lm_eval(model, tokenizer, tasks: Sequence, batch_size: int = 1, limit: Optional[int] = None,
                 num_fewshot: Optional[int] = None) -> dict:
     """{task: {metric: value}} of lm-eval on the in-memory model; `tasks` from `load_tasks`."""
@@ -147,10 +157,19 @@ def run_lm_eval(model, tokenizer, tasks: Sequence, batch_size: int = 1, limit: O
 
     was_training = model.training
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    # the tasks are loaded already: an empty TaskManager spares simple_evaluate re-indexing ~15k tasks
-    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, num_fewshot=num_fewshot,
-                                  task_manager=TaskManager(include_defaults=False),
-                                  log_samples=False, verbosity="WARNING")
+    before = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"  # read by lm_eval.api.metrics.bootstrap_stderr at call time
+    try:
+        # the tasks are loaded already: an empty TaskManager spares simple_evaluate re-indexing ~15k tasks
+        out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, num_fewshot=num_fewshot,
+                                      task_manager=TaskManager(include_defaults=False),
+                                      bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False,
+                                      verbosity="WARNING")
+    finally:
+        if before is None:
+            os.environ.pop("DISABLE_MULTIPROC", None)
+        else:
+            os.environ["DISABLE_MULTIPROC"] = before
     model.train(was_training)
     return {task: {k.removesuffix(",none"): v for k, v in metrics.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}

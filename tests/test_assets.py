@@ -7,6 +7,8 @@ import hashlib
 import io
 import json
 import math
+import multiprocessing
+import os
 import subprocess
 import tarfile
 import zipfile
@@ -310,8 +312,15 @@ def test_lastword_tasks_built_offline_and_scored_like_lm_eval(cache, tmp_path, m
     bias = torch.zeros(len(tok))  # every position's argmax is the commonest one-token target
     bias[favourite] = 30.0
     model.lm_head.register_forward_hook(lambda module, inputs, out: out + bias)
+
+    def no_pool(*args, **kwargs):  # a fork()ed pool can deadlock beside torch's threads (evaluate.py)
+        raise AssertionError("lm-eval bootstrapped in a multiprocessing pool")
+    monkeypatch.setattr(multiprocessing, "Pool", no_pool)
+    monkeypatch.delenv("DISABLE_MULTIPROC", raising=False)
     result = evaluate_model(model, tok, tasks=["botchan_lastword"], include_path=folder, batch_size=4)
+    assert "DISABLE_MULTIPROC" not in os.environ  # restored
     metrics = result["lm_eval"]["botchan_lastword"]
+    assert metrics["perplexity_stderr"] > 0  # bootstrapped in-process
     right, lls = 0, []
     with torch.no_grad():
         for it in items["botchan_lastword"]:
