@@ -22,6 +22,7 @@ import re
 import time
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -157,19 +158,13 @@ def run_lm_eval(model, tokenizer, tasks: Sequence, batch_size: int = 1, limit: O
 
     was_training = model.training
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    before = os.environ.get("DISABLE_MULTIPROC")
-    os.environ["DISABLE_MULTIPROC"] = "1"  # read by lm_eval.api.metrics.bootstrap_stderr at call time
-    try:
+    # DISABLE_MULTIPROC is read by lm_eval.api.metrics.bootstrap_stderr at call time; restored after
+    with mock.patch.dict(os.environ, DISABLE_MULTIPROC="1"):
         # the tasks are loaded already: an empty TaskManager spares simple_evaluate re-indexing ~15k tasks
         out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, num_fewshot=num_fewshot,
                                       task_manager=TaskManager(include_defaults=False),
                                       bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False,
                                       verbosity="WARNING")
-    finally:
-        if before is None:
-            os.environ.pop("DISABLE_MULTIPROC", None)
-        else:
-            os.environ["DISABLE_MULTIPROC"] = before
     model.train(was_training)
     return {task: {k.removesuffix(",none"): v for k, v in metrics.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
