@@ -66,6 +66,14 @@ def test_overrides(tiny_yaml):
     assert load_config(None, ["data.train=x/y"]).data.train == "x/y"  # no file: defaults + overrides
 
 
+def test_options_may_follow_the_overrides():
+    """`train.py ... train.steps=7 --resume` and `compare.py ... seft.x=y --methods seft` parse as
+    users write them (argparse's plain parse_args rejects options after the positionals)."""
+    from seft_scale.cli.train import parse_args
+    args = parse_args(["--config", "c.yaml", "train.steps=7", "--output-dir", "o", "seft.window=2", "--resume"])
+    assert args.overrides == ["train.steps=7", "seft.window=2"] and args.output_dir == "o" and args.resume
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.steps", "override 'train.steps': expected section.key=value"),
     ("train.steps.x=1", "override 'train.steps.x=1': steps is not a section"),

@@ -56,7 +56,7 @@ def main(argv=None) -> int:
                     help="extra SEFT rows, e.g. seft.merge_dropped=false,seft.adapt_criterion=magnitude")
     ap.add_argument("overrides", nargs="*", metavar="key=value",
                     help="config overrides for every run, e.g. train.steps=20 seft.lora_rank=8")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # options may follow key=value overrides
     if args.render is None and not (args.config and args.output_dir):
         ap.error("--config and --output-dir are required (or --render DIR)")
 

@@ -89,7 +89,7 @@ def main(argv=None) -> int:
                     help="write --ds-config (default: the package's zero3 config) with the preset's "
                          "zero_optimization merged in, for seft-train --ds_config")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="run config overrides")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # options may follow key=value overrides
     args.backend = args.backend or ("local" if args.world_size == 1 else "fsdp")
     return report_errors(lambda: run(args))
 

@@ -44,7 +44,7 @@ def parse_args(argv=None):
                     help=argparse.SUPPRESS)  # added by the deepspeed launcher; LOCAL_RANK is used
     ap.add_argument("overrides", nargs="*", metavar="key=value",
                     help="config overrides, e.g. train.steps=100 seft.lora_rank=16")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)  # options may follow key=value overrides
 
 
 def run(args) -> int:
