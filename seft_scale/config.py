@@ -198,6 +198,12 @@ class SeftConfig:
     initial_reselection: bool = False
     """At the first update, drop and regrow all K slots (drop fraction 1), replacing the random
     initial placement with the window's choice as SpIEL's first selection does."""
+    slot_warmup: int = 10
+    """Lr ramp of grown slots: a slot's step is scaled by min(1, t / slot_warmup), t its optimizer
+    steps since the topology update that grew it (the initial slots follow train.warmup_steps);
+    0: off. Grown slots sit at the largest window gradients, and their first full-lr Adam steps
+    (about ±lr each, p·K slots at once) raised the training loss by up to 0.26 one and two steps
+    after each update; 10 removed that jump on the demo model (README's Results)."""
     merge_dropped: bool = True
     """Merge a dropped slot's value into θ (True) or discard it (False); see seft/topology.py."""
     adapt_criterion: Literal["sensitivity", "magnitude"] = "sensitivity"
@@ -225,6 +231,7 @@ class SeftConfig:
         _need(self.window_candidates >= 1, "seft.window_candidates", "must be >= 1")
         _need(self.window_screen_stride >= 1, "seft.window_screen_stride", "must be >= 1")
         _need(0 <= self.drop_rate <= 1, "seft.drop_rate", "must be in [0, 1]")
+        _need(self.slot_warmup >= 0, "seft.slot_warmup", "must be >= 0")
         _need(self.gather_cost_ratio > 0, "seft.gather_cost_ratio", "must be > 0")
         _need(len(self.targets) > 0, "seft.targets", "must name at least one module")
         for pattern in self.targets:

@@ -283,7 +283,7 @@ def _slot_layout() -> tuple[int, str]:
     """(bytes per slot, description), read off a SparseDelta."""
     d = SparseDelta("probe", (1, 1), 0, torch.ones(1), 1, 1)
     fields = {"pos": d.pos, "δ": d.values, "δ-grad": d.values, "m": d.exp_avg, "v": d.exp_avg_sq,
-              "age": d.age}
+              "age": d.age, "steps since grown": d.since_grown}
     desc = ", ".join(f"{k} {str(t.dtype).removeprefix('torch.')}" for k, t in fields.items())
     return sum(t.element_size() for t in fields.values()), desc
 

@@ -78,7 +78,8 @@ def test_shards_and_slots_by_hand():
                  (6, 1), (11, 6)]
     assert fsdp.get("θ shard") == sum(-(-r // 4) * c for r, c in rows_cols) * 4
     # q_proj: K = 1·(6+6) = 12 slots, 3 per rank, each pos int64 + δ, grad, m, v fp32 + age int32
-    assert fsdp.get("SEFT slots + optimizer") == 3 * (8 + 4 * 4 + 4)
+    # + steps since grown int16
+    assert fsdp.get("SEFT slots + optimizer") == 3 * (8 + 4 * 4 + 4 + 2)
     # no mask: a bit per weight of θ's edits in host memory (2 rows of 6 at FSDP, 9 elements at ZeRO)
     assert fsdp.get("θ-edit bitmap (host memory)") == 2 * 6 / 8 and zero.get("θ-edit bitmap (host memory)") == 9 / 8
     # candidates: grown = ceil(0.2·12·(1 + 2·12/36)) = 4, so 2·4 grow + 2·4 adapt non-slot ones;

@@ -25,7 +25,7 @@ def delta_tensors(deltas: Sequence[SparseDelta]) -> dict[str, torch.Tensor]:
 
 
 # arrays keyed by global position: the key holding the positions, then the arrays that follow it
-_BY_POSITION = {"pos": ("values", "exp_avg", "exp_avg_sq", "age"), "zeros": (),
+_BY_POSITION = {"pos": ("values", "exp_avg", "exp_avg_sq", "age", "since_grown"), "zeros": (),
                 "edited": ("edited_values",),
                 "window.cand_pos": ("window.cand_sum", "window.cand_sumsq", "window.cand_sets")}
 _BY_RANGE = ("window.sum", "window.sumsq")  # one value per position of the shard
@@ -62,7 +62,8 @@ def load_deltas(ckpt: Path, deltas: Sequence[SparseDelta]) -> dict[str, dict[str
                 pos = h.get_tensor(f"{d.name}/{key}")
                 keep = (pos >= a) & (pos < b)
                 for k in (key, *companions):
-                    parts.setdefault(k, []).append(h.get_tensor(f"{d.name}/{k}")[keep])
+                    if f"{d.name}/{k}" in keys:  # a field newer than the checkpoint: its default
+                        parts.setdefault(k, []).append(h.get_tensor(f"{d.name}/{k}")[keep])
             if a >= b:
                 continue
             covered += b - a

@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+SETTLED = torch.iinfo(torch.int16).max  # since_grown of a slot past any ramp (it saturates there)
+
 
 def member(sorted_ref: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Whether each element of `x` is in the sorted 1-D `sorted_ref` (a binary search each:
@@ -73,6 +75,9 @@ class SparseDelta:
         self.exp_avg = torch.zeros(0, dtype=torch.float32, device=dev)
         self.exp_avg_sq = torch.zeros(0, dtype=torch.float32, device=dev)
         self.age = torch.zeros(0, dtype=torch.int32, device=dev)  # optimizer steps seen by each slot
+        # optimizer steps since a topology update grew the slot (seft.slot_warmup's ramp); the
+        # initial slots start at SETTLED: they follow train.warmup_steps instead
+        self.since_grown = torch.zeros(0, dtype=torch.int16, device=dev)
         self.zeros = torch.empty(0, dtype=torch.int64, device=dev)  # global; see the module doc
         self.edited = Bitmap(base.numel())  # where θ differs from the starting model
         self.window = None  # selection-window scores (seft/window.py), in windows only
@@ -142,35 +147,39 @@ class SparseDelta:
         w.index_add_(0, self.local_index(), self.values.detach())
         return w
 
-    def _set_slots(self, pos, values, exp_avg, exp_avg_sq, age) -> None:
+    def _set_slots(self, pos, values, exp_avg, exp_avg_sq, age, since_grown) -> None:
         order = torch.argsort(pos)
         take = (lambda t: t.index_select(0, order))  # 4x faster than t[order] on CPU at K ~ 500K
         self.pos = take(pos)
         self.values = take(values.detach()).requires_grad_(True)
         self.exp_avg, self.exp_avg_sq, self.age = take(exp_avg), take(exp_avg_sq), take(age)
+        self.since_grown = take(since_grown)
 
     def keep_slots(self, keep: torch.Tensor) -> None:
         """Remove every slot where `keep` is False (what is kept stays sorted). A freed slot on a
         θ == 0 position that is not listed in `zeros` leaves the support: counted again."""
         self._support_count = None
-        idx = torch.nonzero(keep).reshape(-1)  # once for the five arrays, each an index_select
+        idx = torch.nonzero(keep).reshape(-1)  # once for the six arrays, each an index_select
         take = (lambda t: t.index_select(0, idx))
         self.pos = take(self.pos)
         self.values = take(self.values.detach()).requires_grad_(True)
         self.exp_avg, self.exp_avg_sq, self.age = take(self.exp_avg), take(self.exp_avg_sq), take(self.age)
+        self.since_grown = take(self.since_grown)
 
     def add_slots(self, pos: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                   age: torch.Tensor, entering: Optional[int] = None) -> None:
         """New slots at `pos` (must be free), δ = 0, with the given optimizer state; `entering`:
-        how many of them lie outside the support, if the caller has counted it."""
+        how many of them lie outside the support, if the caller has counted it. Slots whose moments
+        were seeded from a window (age > 0) are grown: their since_grown count starts at 0."""
         if self._support_count is not None:
             if entering is None:
                 entering = int((~self.in_support(pos - self.offset, slots=False)).sum())
             self._support_count += entering
+        since = torch.where(age > 0, 0, SETTLED).to(torch.int16)
         self._set_slots(torch.cat([self.pos, pos]),
                         torch.cat([self.values.detach(), torch.zeros(len(pos), device=pos.device)]),
                         torch.cat([self.exp_avg, exp_avg]), torch.cat([self.exp_avg_sq, exp_avg_sq]),
-                        torch.cat([self.age, age]))
+                        torch.cat([self.age, age]), torch.cat([self.since_grown, since]))
 
     @torch.no_grad()
     def remove_slots(self, drop: torch.Tensor, merge: bool) -> None:
@@ -206,7 +215,8 @@ class SparseDelta:
         (positions and values) and the window scores (seft/window.py)."""
         edited = self.edited.positions().to(self.base.device)
         out = {"pos": self.pos, "values": self.values.detach(), "exp_avg": self.exp_avg,
-               "exp_avg_sq": self.exp_avg_sq, "age": self.age, "zeros": self.zeros,
+               "exp_avg_sq": self.exp_avg_sq, "age": self.age, "since_grown": self.since_grown,
+               "zeros": self.zeros,
                "edited": edited + self.offset, "edited_values": self.base[edited].detach().clone()}
         if self.window is not None:
             out.update({f"window.{k}": v for k, v in self.window.state_dict().items()})
@@ -215,7 +225,10 @@ class SparseDelta:
     @torch.no_grad()
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         """Slots, exceptions and edits of this shard (already cut to its range)."""
-        self._set_slots(sd["pos"], sd["values"], sd["exp_avg"], sd["exp_avg_sq"], sd["age"])
+        since = sd.get("since_grown")  # absent from checkpoints older than the field: settled
+        if since is None:
+            since = torch.full_like(sd["age"], SETTLED, dtype=torch.int16)
+        self._set_slots(sd["pos"], sd["values"], sd["exp_avg"], sd["exp_avg_sq"], sd["age"], since)
         self.zeros = sd["zeros"]
         idx = sd["edited"] - self.offset
         self.edited.clear()

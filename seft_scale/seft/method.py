@@ -139,7 +139,7 @@ class SeftMethod:
                 d.capacity, d.numel, s.gather_cost_ratio)
             SparseDeltaLinear.attach(sh.module, lambda d=d: d.values, self.slots[d.name], kernel)
         t = cfg.train
-        self.opt = SlotAdamW(t.lr, (t.beta1, t.beta2), t.eps, t.weight_decay)
+        self.opt = SlotAdamW(t.lr, (t.beta1, t.beta2), t.eps, t.weight_decay, self.cfg.seft.slot_warmup)
         self.numel = sum(d.numel for d in self.deltas)
         self._support = 0  # this rank's support positions: constant between topology updates
         self._saved_windows: dict[str, dict] = {}  # window scores of a checkpoint, until reopened

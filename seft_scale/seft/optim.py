@@ -8,6 +8,11 @@ from the first step on. With the mean of squares (never below the squared mean) 
 a slot whose gradient changed sign over the window is smaller than lr; seeding v with the squared
 mean would make every new slot's first step exactly ±lr. The window's gradients are on the clipped
 scale of the δ-gradients (seft/window.py), so seeded and later steps agree.
+
+Seeded or not, Adam's first steps are about ±lr per slot, and grown slots sit where the window's
+gradient was largest: a quarter of the slots taking such steps at once raised the demo model's loss
+one and two steps after each update (README's Results). So a grown slot's lr ramps linearly over
+`slot_warmup` steps (its `since_grown` count); the initial slots follow the run's own warm-up.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from seft_scale.seft.delta import SparseDelta
+from seft_scale.seft.delta import SETTLED, SparseDelta
 from seft_scale.seft.selection import Allreduce
 
 
@@ -38,8 +43,10 @@ def _bias_tables(beta: float) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
 
 class SlotAdamW:
     def __init__(self, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0):
+                 weight_decay: float = 0.0, slot_warmup: int = 0):
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        # a grown slot's lr ramp min(1, steps since grown / slot_warmup): see SeftConfig.slot_warmup
+        self.slot_warmup = slot_warmup
         self._tables = (_bias_tables(betas[0]), _bias_tables(betas[1]))
         self._on: dict[torch.device, tuple] = {}  # the tables on each device the slots live on
 
@@ -82,6 +89,9 @@ class SlotAdamW:
             d.exp_avg_sq.mul_(b2).addcmul_(g, g, value=1 - b2)
             bc1, bc2_sqrt = self._corrections(d.age)
             denom = (d.exp_avg_sq.sqrt() / bc2_sqrt).add_(self.eps)
+            if self.slot_warmup > 0:  # a grown slot's lr ramp, folded into bc1
+                d.since_grown.add_(d.since_grown < SETTLED)
+                bc1.div_(d.since_grown.to(torch.float32).div_(self.slot_warmup).clamp_(max=1.0))
             p.addcdiv_(d.exp_avg, denom * bc1, value=-lr)
             p.grad = None
 

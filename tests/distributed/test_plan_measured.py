@@ -118,7 +118,7 @@ def measure_worker(rank, world, backend_name, model_dir, dtype="float32", zero=N
                        for p in params)
     out["persistent"] = sum(storage_bytes(p.data) for p in params if getattr(p, "ds_persist", False))
     out["slots"] = sum(t.numel() * t.element_size() for d in deltas  # δ twice: δ-grad, same size,
-                       for t in (d.pos, d.values, d.values, d.exp_avg, d.exp_avg_sq, d.age))  # lives
+                       for t in (d.pos, d.values, d.values, d.exp_avg, d.exp_avg_sq, d.age, d.since_grown))  # lives
     out["edits"] = sum(d.edited.bits.numel() for d in deltas)
     return out
 
@@ -181,7 +181,9 @@ CASES = [("local", 1, "float32", None, False, "candidates"), ("fsdp", 2, "float3
                               for b, w, d, z, c, sc in CASES])
 def test_formula_within_10_percent_of_measured(model_dir, backend, world, dtype, zero, checkpointing,
                                                scores):
-    """Every rank, every figure: the plan (worst rank) within 10 % of what the rank holds."""
+    """Every figure is planned for the worst rank: no rank holds over 10 % more than the plan,
+    and the rank holding the most is within 10 % of it (ranks differ: slots are not split evenly,
+    and the plan assumes K/W on each)."""
     plan = planned(model_dir, backend, world, dtype, zero, checkpointing, scores)
     resident = plan.resident  # the phases are measured above what the rank holds before them
     window_scores = plan.get(f"window scores ({scores})")
@@ -189,27 +191,29 @@ def test_formula_within_10_percent_of_measured(model_dir, backend, world, dtype,
             "slots": plan.get("SEFT slots + optimizer"), "edits": plan.get("θ-edit bitmap (host memory)"),
             "step": plan.step_peak - resident, "window": plan.window_peak - resident,
             "scores": window_scores, "update": plan.update_peak - resident - window_scores}
-    for rank, got in enumerate(harness.run_world(measure_worker, world, backend, model_dir, dtype, zero,
-                                                 checkpointing, scores, env={"TORCH_FR_BUFFER_SIZE": "0"})):
+    ranks = harness.run_world(measure_worker, world, backend, model_dir, dtype, zero, checkpointing,
+                              scores, env={"TORCH_FR_BUFFER_SIZE": "0"})
+    for rank, got in enumerate(ranks):
         print(f"{backend} W={world} {dtype} {scores} rank {rank}: " + ", ".join(
             f"{k} {got[k] / 1e6:.3f}/{v / 1e6:.3f} MB" for k, v in want.items()))
-        for key, planned_bytes in want.items():
-            msg = f"rank {rank}: {key} measured {got[key] / 1e6:.3f} MB, planned {planned_bytes / 1e6:.3f} MB"
-            if backend == "zero3" and key == "update":
-                # an upper bound: the plan counts re-gathering the largest target after the θ
-                # edits, which happens only if ZeRO holds it gathered then; without that line the
-                # plan must still cover the update's own scratch
-                refresh = plan.get("ZeRO-3 refresh of a gathered target")
-                assert planned_bytes - refresh <= got[key] * 1.10 and got[key] <= planned_bytes * 1.10, msg
-            elif backend == "fsdp" and key == "step":
-                # an upper bound: the plan counts FSDP2's all-gather output (a true buffer under
-                # NCCL) at the backward prefetch; gloo fills it on its worker thread, so whether it
-                # is alive at the step's peak varies from run to run (13.9 or 15.9 MB measured at W=2)
-                buffer = plan.get("FSDP all-gather buffer")
-                assert planned_bytes - buffer <= got[key] * 1.10 and got[key] <= planned_bytes * 1.10, msg
-            elif backend == "fsdp" and checkpointing and key == "window":
-                # the plan counts the recomputed layer's MLP gradients beside the window's dense G;
-                # at FSDP W=2 they are measured not to coexist: the plan is ~11 % above, on the safe side
-                assert got[key] <= planned_bytes * 1.10 and planned_bytes <= got[key] * 1.15, msg
-            else:
-                assert got[key] == pytest.approx(planned_bytes, rel=0.10, abs=1024), msg
+    for key, planned_bytes in want.items():
+        most = max(got[key] for got in ranks)
+        msg = (f"{key}: measured {', '.join(f'{got[key] / 1e6:.3f}' for got in ranks)} MB "
+               f"(ranks 0..{world - 1}), planned {planned_bytes / 1e6:.3f} MB")
+        assert most <= planned_bytes * 1.10 + 1024, msg
+        if backend == "zero3" and key == "update":
+            # an upper bound: the plan counts re-gathering the largest target after the θ
+            # edits, which happens only if ZeRO holds it gathered then; without that line the
+            # plan must still cover the update's own scratch
+            assert planned_bytes - plan.get("ZeRO-3 refresh of a gathered target") <= most * 1.10, msg
+        elif backend == "fsdp" and key == "step":
+            # an upper bound: the plan counts FSDP2's all-gather output (a true buffer under
+            # NCCL) at the backward prefetch; gloo fills it on its worker thread, so whether it
+            # is alive at the step's peak varies from run to run (13.9 or 15.9 MB measured at W=2)
+            assert planned_bytes - plan.get("FSDP all-gather buffer") <= most * 1.10, msg
+        elif backend == "fsdp" and checkpointing and key == "window":
+            # the plan counts the recomputed layer's MLP gradients beside the window's dense G;
+            # at FSDP W=2 they are measured not to coexist: the plan is ~11 % above, on the safe side
+            assert planned_bytes <= most * 1.15, msg
+        else:
+            assert planned_bytes <= most * 1.10 + 1024, msg

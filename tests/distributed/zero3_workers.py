@@ -25,7 +25,7 @@ def seft_state_bytes(deltas) -> int:
     total = 0
     for d in deltas:
         window = d.window.state_dict().values() if d.window is not None else ()
-        for t in (d.pos, d.values, d.exp_avg, d.exp_avg_sq, d.age, d.zeros, d.edited.bits, *window):
+        for t in (d.pos, d.values, d.exp_avg, d.exp_avg_sq, d.age, d.since_grown, d.zeros, d.edited.bits, *window):
             total += t.numel() * t.element_size()
     return total
 

@@ -155,7 +155,7 @@ def state_tensors_of(method) -> dict[str, torch.Tensor]:
     torch itself keeps on the CPU)."""
     if hasattr(method, "deltas"):  # SEFT: the slots of every matrix
         return {f"{d.name}/{f}": getattr(d, f) for d in method.deltas
-                for f in ("pos", "values", "exp_avg", "exp_avg_sq", "age")}
+                for f in ("pos", "values", "exp_avg", "exp_avg_sq", "age", "since_grown")}
     out = {f"param/{n}": p for n, p in method.params}
     for n, p in method.params:
         out.update({f"opt/{n}/{k}": v for k, v in method.opt.state.get(p, {}).items() if k != "step"})

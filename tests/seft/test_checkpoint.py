@@ -6,7 +6,7 @@ import torch
 
 from seft_scale.checkpoint import latest_checkpoint, rank_file, save_checkpoint
 from seft_scale.seft.checkpoint import delta_tensors, load_deltas
-from seft_scale.seft.delta import SparseDelta
+from seft_scale.seft.delta import SETTLED, SparseDelta
 from seft_scale.seft.optim import SlotAdamW
 from seft_scale.seft.topology import check_budget, init_slots, topology_update
 from seft_scale.seft.window import DenseWindow, open_window
@@ -15,7 +15,7 @@ from tests.helpers import ThreadGroup, shard_bounds
 SHAPES = {"model.layers.0.q": (12, 16), "model.layers.0.k": (7, 12), "model.layers.1.q": (16, 8)}
 CAPACITY = 9
 OPT = SlotAdamW(1e-2)
-FIELDS = ("base", "support", "edited", "zeros", "pos", "values", "exp_avg", "exp_avg_sq", "age")
+FIELDS = ("base", "support", "edited", "zeros", "pos", "values", "exp_avg", "exp_avg_sq", "age", "since_grown")
 WINDOW = {"dense": ("sum", "sumsq"),
           "candidates": ("cand_pos", "cand_sum", "cand_sumsq", "cand_sets")}
 
@@ -71,6 +71,7 @@ def trained_state(out, world: int, split: str, kind: str = "candidates"):
         topology_update(deltas, 0.5, OPT.seed, allreduce=allreduce)
         check_budget(deltas, allreduce)
         for d in deltas:  # the next window has begun: one step of it is in the scores
+            d.since_grown = torch.where(d.since_grown == SETTLED, SETTLED, d.pos % 5).to(torch.int16)
             d.window = open_window(d, kind, 4, False, True, allreduce)
             d.window.add(torch.sin(torch.arange(d.length, dtype=torch.float32) + d.offset))
             d.window.end_step(0.5)
@@ -126,6 +127,22 @@ def test_reshard_to_any_world_size(tmp_path, w_save, split_save, w_load, split_l
         for f, a in ref[name].items():
             b = got[name][f]
             assert a.dtype == b.dtype and torch.equal(a, b), (name, f)
+
+
+def test_a_checkpoint_older_than_since_grown_loads_its_slots_settled(tmp_path):
+    theta, saved = trained_state(tmp_path / "new", 2, "zero")
+
+    def write_without_the_field(r, allreduce):  # as a checkpoint written before it was
+        tensors = {k: v for k, v in delta_tensors(saved[r]).items() if not k.endswith("/since_grown")}
+        save_checkpoint(tmp_path / "old", 12, tensors, {}, rank=r, world=2,
+                        barrier=lambda: allreduce(torch.zeros(1)))
+
+    ThreadGroup(2).run(write_without_the_field)
+    loaded = shards(theta, 0, 1, "zero")
+    load_deltas(latest_checkpoint(tmp_path / "old"), loaded)
+    for d, name in zip(loaded, SHAPES):
+        assert torch.equal(d.pos, torch.cat([ds[list(SHAPES).index(name)].pos for ds in saved]))
+        assert d.since_grown.dtype == torch.int16 and d.since_grown.eq(SETTLED).all()
 
 
 def test_the_splits_are_uneven():

@@ -2,7 +2,7 @@
 to the window's mean gradient and v̂ to its mean squared gradient."""
 import torch
 
-from seft_scale.seft.delta import SparseDelta
+from seft_scale.seft.delta import SETTLED, SparseDelta
 from seft_scale.seft.optim import SlotAdamW, clip_slot_grads
 
 
@@ -64,6 +64,33 @@ def test_seeded_slot_first_step_follows_the_window():
     assert abs(float(d.values.detach()[0] - before[0])) < 0.6e-2
     m0, v0, a0 = ours.seed(mean, mean_sq, steps=0)
     assert not m0.any() and not v0.any() and not a0.any()
+
+
+def test_grown_slots_ramp_their_lr_and_the_initial_slots_do_not():
+    """slot_warmup W: a slot grown from a window moves min(1, t/W) as far as without the ramp at
+    its t-th step (same moments: the ramp scales steps, not gradients); fresh slots not at all."""
+    W, T = 4, 7
+    ramped, plain = SlotAdamW(1e-2, slot_warmup=W), SlotAdamW(1e-2)
+    pair = []
+    for opt in (ramped, plain):
+        d = make_delta(6)  # six initial slots
+        grown = torch.tensor([p for p in range(200) if p not in set(d.pos.tolist())][:4])
+        d.add_slots(grown, *opt.seed(torch.full((4,), 0.3), torch.full((4,), 0.2), steps=2))
+        pair.append(d)
+    is_grown = torch.isin(pair[0].pos, grown)
+    assert pair[0].since_grown[is_grown].eq(0).all() and pair[0].since_grown[~is_grown].eq(SETTLED).all()
+    g = torch.Generator().manual_seed(1)
+    for t in range(1, T + 1):
+        grad = torch.randn(10, generator=g)
+        moved = []
+        for opt, d in zip((ramped, plain), pair):
+            before = d.values.detach().clone()
+            d.values.grad = grad.clone()
+            opt.step([d])
+            moved.append(d.values.detach() - before)
+        torch.testing.assert_close(moved[0][~is_grown], moved[1][~is_grown], rtol=0, atol=0)
+        torch.testing.assert_close(moved[0][is_grown], moved[1][is_grown] * min(1.0, t / W))
+    assert pair[0].since_grown[is_grown].eq(T).all() and pair[0].since_grown[~is_grown].eq(SETTLED).all()
 
 
 def test_clip_global_norm():
