@@ -1,6 +1,7 @@
 """SeftMethod (seft_scale/seft/method.py) on the local backend: budgets from the pruned weights,
 a slot budget larger than the support refused by name, and the merge: θ + S written into the
-shard, plain Linears again, and the report equal to the whole-matrix report of the merged weight."""
+shard, plain Linears again, and the report equal to the whole-matrix report of the merged weight;
+the grown slots' lr ramp counted from the update that grew them."""
 import copy
 
 import pytest
@@ -104,3 +105,32 @@ def test_merge_writes_theta_plus_s_and_reports(pruned, tmp_path, pattern, with_s
             assert (want["reactivated"], want["pruned_from_start"]) == (1, 1)
     if nm is not None:
         assert all(r["nm_valid"] for r in report.values())
+
+
+def test_grown_slots_ramp_from_the_update_that_grew_them(pruned):
+    """seft.slot_warmup reaches the optimizer, and an update's grown slots (and only they) start
+    their since_grown count at 0, one more per step after."""
+    from seft_scale.config import TrainConfig
+    from seft_scale.seft.delta import SETTLED
+    model = copy.deepcopy(pruned["unstructured"])
+    seft = SeftConfig(lora_rank=2, update_interval=2, window=1, drop_rate=0.5, slot_warmup=4)
+    method, wrapped = seft_method(LocalBackend(CPU), model, seft, train=TrainConfig(steps=6))
+    assert method.opt.slot_warmup == 4
+    method.init_state()
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    before = {}
+    for step in (1, 2, 3):
+        method.before_step(step)
+        wrapped(input_ids=ids, labels=ids).loss.backward()
+        if step == 2:
+            before = {d.name: d.pos.clone() for d in method.deltas}
+            assert all(d.since_grown.eq(SETTLED).all() for d in method.deltas)  # initial slots only
+        rec = method.after_backward(step, 1e-3)
+        if step == 2:
+            assert rec["grown"] > 0
+            for d in method.deltas:
+                new = ~torch.isin(d.pos, before[d.name])
+                assert d.since_grown[new].eq(0).all() and d.since_grown[~new].eq(SETTLED).all()
+    for d in method.deltas:  # step 3 moved nothing: the grown slots have taken one step
+        new = ~torch.isin(d.pos, before[d.name])
+        assert d.since_grown[new].eq(1).all() and d.since_grown[~new].eq(SETTLED).all()
